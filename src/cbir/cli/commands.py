@@ -1,0 +1,19 @@
+"""Registry of the command families: one module each, attached to one typer app."""
+
+from __future__ import annotations
+
+import typer
+
+app = typer.Typer(
+    name="cbir",
+    help="Content-based image retrieval: describe, benchmark, index and search images.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+bench_app = typer.Typer(help="Score a descriptor on a retrieval benchmark.", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+# Command modules register themselves on import.
+from cbir.cli import describe_cmds as _describe_cmds  # noqa: E402,F401

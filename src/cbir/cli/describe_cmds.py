@@ -1,0 +1,166 @@
+"""Commands that describe images: ``extract``, ``whiten`` and ``bench gpr1200``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import numpy as np
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from cbir.benchmarks import learn_whitening, run_gpr1200
+from cbir.cli.commands import app, bench_app
+from cbir.cli.options import (
+    BatchOpt,
+    CropOpt,
+    EngineOpt,
+    ImageSizeOpt,
+    MaxPixelsOpt,
+    ModelOpt,
+    PoolingOpt,
+    QuietOpt,
+    ResizeOpt,
+    ScalesOpt,
+    TokenOpt,
+    WeightsOpt,
+    WhitenOpt,
+    WorkersOpt,
+    extract_options,
+    make_descriptor,
+)
+from cbir.data.datasets import list_images
+from cbir.data.decode import DEFAULT_MAX_PIXELS
+from cbir.extract import DEFAULT_ENGINE, extract
+from cbir.fileio import atomic_numpy_save, atomic_write_text
+from cbir.models.backbones import DEFAULT_BACKBONE
+
+console = Console(stderr=False)
+err = Console(stderr=True)
+
+
+@app.command("extract")
+def extract_cmd(
+    inputs: Annotated[list[Path], typer.Argument(help="Image folders (walked recursively) or files.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output .npy (a .json manifest is written beside it).")],
+    model: ModelOpt = DEFAULT_BACKBONE,
+    weights: WeightsOpt = None,
+    pooling: PoolingOpt = None,
+    scales: ScalesOpt = None,
+    whiten: WhitenOpt = None,
+    image_size: ImageSizeOpt = None,
+    resize: ResizeOpt = None,
+    crop: CropOpt = None,
+    token: TokenOpt = "patch",
+    engine: EngineOpt = DEFAULT_ENGINE,
+    batch_size: BatchOpt = 32,
+    workers: WorkersOpt = None,
+    max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS,
+    quiet: QuietOpt = False,
+) -> None:
+    """Describe every image under INPUTS; write an N x D float32 matrix and its manifest."""
+    desc = make_descriptor(
+        model, weights=weights, pooling=pooling, scales=scales, whiten=whiten,
+        image_size=image_size, resize=resize, crop=crop, token=token,
+    )
+    paths: list[Path] = []
+    for p in inputs:
+        try:
+            paths.extend(list_images(p))
+        except FileNotFoundError as exc:
+            raise typer.BadParameter(str(exc)) from exc
+    if not paths:
+        raise typer.BadParameter("no images found")
+    result = extract(desc, paths, **extract_options(engine, batch_size, workers, max_pixels, quiet))
+    manifest = result.save(out)
+    for f in result.failures:
+        err.print(f"[yellow]skipped[/] {f.path}: {f.reason}")
+    console.print(
+        f"{len(result.paths)} images described ({desc.dim}-d, {desc.describe_name()}), "
+        f"{len(result.failures)} skipped, {result.images_per_second:.1f} images/s -> {out} (+ {manifest.name})"
+    )
+
+
+@app.command("whiten")
+def whiten_cmd(
+    data: Annotated[Path, typer.Argument(help="Images to learn from (class folders for --kind learned). Never the evaluation set.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Whitening file to write.")],
+    kind: Annotated[str, typer.Option("--kind", help="pca (unsupervised) or learned (Radenovic's Lw, needs class folders).")] = "pca",
+    dim: Annotated[int | None, typer.Option("--dim", help="Output dimension (default: input dimension).")] = None,
+    power: Annotated[float, typer.Option("--power", help="PCA eigenvalue power: 1 whitens fully, 0 only rotates.")] = 1.0,
+    model: ModelOpt = DEFAULT_BACKBONE,
+    weights: WeightsOpt = None,
+    pooling: PoolingOpt = None,
+    scales: ScalesOpt = None,
+    image_size: ImageSizeOpt = None,
+    resize: ResizeOpt = None,
+    crop: CropOpt = None,
+    token: TokenOpt = "patch",
+    engine: EngineOpt = DEFAULT_ENGINE,
+    batch_size: BatchOpt = 32,
+    workers: WorkersOpt = None,
+    max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS,
+    quiet: QuietOpt = False,
+) -> None:
+    """Learn PCA or supervised whitening on a separate image set, for use with --whiten."""
+    desc = make_descriptor(
+        model, weights=weights, pooling=pooling, scales=scales,
+        image_size=image_size, resize=resize, crop=crop, token=token,
+    )
+    try:
+        w = learn_whitening(
+            data, desc, kind=kind, dim=dim, power=power,
+            **extract_options(engine, batch_size, workers, max_pixels, quiet),
+        )
+    except (ValueError, FileNotFoundError) as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    w.save(str(out))
+    console.print(f"{kind} whitening {w.in_dim} -> {w.out_dim} learned on {data} -> {out}")
+
+
+@bench_app.command("gpr1200")
+def bench_gpr1200_cmd(
+    root: Annotated[Path, typer.Argument(help="GPR1200-format folder (images, or an images/ folder and subsets.json).")],
+    model: ModelOpt = DEFAULT_BACKBONE,
+    weights: WeightsOpt = None,
+    pooling: PoolingOpt = None,
+    scales: ScalesOpt = None,
+    whiten: WhitenOpt = None,
+    image_size: ImageSizeOpt = None,
+    resize: ResizeOpt = None,
+    crop: CropOpt = None,
+    token: TokenOpt = "patch",
+    engine: EngineOpt = DEFAULT_ENGINE,
+    batch_size: BatchOpt = 32,
+    workers: WorkersOpt = None,
+    max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS,
+    quiet: QuietOpt = False,
+    save_features: Annotated[Path | None, typer.Option("--save-features", help="Save the N x D descriptors (.npy) in 'files' order.")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the scores, speed and file order as JSON.")] = None,
+) -> None:
+    """Score a descriptor with the GPR1200 protocol (Schall et al. 2021)."""
+    desc = make_descriptor(
+        model, weights=weights, pooling=pooling, scales=scales, whiten=whiten,
+        image_size=image_size, resize=resize, crop=crop, token=token,
+    )
+    try:
+        bench = run_gpr1200(root, desc, **extract_options(engine, batch_size, workers, max_pixels, quiet))
+    except (FileNotFoundError, RuntimeError, ValueError) as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    table = Table(title=f"GPR1200 protocol on {root} ({len(bench.files)} images, {desc.describe_name()})")
+    table.add_column("metric")
+    table.add_column("mAP", justify="right")
+    table.add_row("all", f"{bench.result.mAP:.4f}")
+    for name, value in bench.result.domains.items():
+        table.add_row(name, f"{value:.4f}")
+    if bench.result.gpr1000 is not None:
+        table.add_row("GPR1000 (no faces)", f"{bench.result.gpr1000:.4f}")
+    table.add_row("images/s", f"{bench.extraction.images_per_second:.1f}")
+    console.print(table)
+    console.print(f"mAP {bench.result.mAP:.4f}")
+    if save_features is not None:
+        atomic_numpy_save(save_features, bench.extraction.features.astype(np.float32))
+    if json_out is not None:
+        atomic_write_text(json_out, json.dumps(bench.to_dict(), indent=1))

@@ -1,0 +1,72 @@
+"""Ranking primitives shared by every protocol: similarities in blocks, ranks of positives.
+
+Ties are broken by database index (lower index first), i.e. exactly the order of
+``np.argsort(-scores, kind="stable")``. Fixing the tie rule is what lets the blockwise
+evaluation give bit-identical results to a full sort.
+
+The blockwise path never materialises the N x N similarity matrix: it computes a block
+of query rows, finds for each row only the items scoring at least as high as its
+lowest-scoring positive (the only ones that can affect AP), and sorts those.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+
+#: Memory budget for one block of similarities, in bytes.
+DEFAULT_BLOCK_BYTES = 256 * 1024 * 1024
+
+
+def block_rows(n_db: int, itemsize: int = 4, budget: int = DEFAULT_BLOCK_BYTES) -> int:
+    """How many query rows of similarities fit in ``budget`` bytes."""
+    return max(1, min(4096, budget // max(1, n_db * itemsize)))
+
+
+def similarity_blocks(
+    queries: np.ndarray, database: np.ndarray, rows: int | None = None
+) -> Iterator[tuple[int, np.ndarray]]:
+    """Yield (first query row, block of inner products) for row blocks of ``queries``."""
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    database = np.ascontiguousarray(database, dtype=np.float32)
+    if queries.ndim != 2 or database.ndim != 2 or queries.shape[1] != database.shape[1]:
+        raise ValueError(f"incompatible shapes {queries.shape} and {database.shape}")
+    rows = rows or block_rows(len(database))
+    db_t = database.T
+    for start in range(0, len(queries), rows):
+        yield start, queries[start : start + rows] @ db_t
+
+
+def positive_ranks(scores: np.ndarray, positives: np.ndarray) -> np.ndarray:
+    """1-based ranks (sorted) of ``positives`` in the descending order of ``scores``.
+
+    Items scoring below every positive cannot change those ranks, so only the items at
+    or above the lowest positive score are sorted. Set an item's score to ``-inf`` to
+    remove it from the ranking (it then never precedes a positive).
+    """
+    positives = np.asarray(positives, dtype=np.int64)
+    if positives.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    lowest = scores[positives].min()
+    cand = np.flatnonzero(scores >= lowest)
+    order = cand[np.lexsort((cand, -scores[cand]))]
+    return np.flatnonzero(np.isin(order, positives, assume_unique=True)) + 1
+
+
+def average_precision(ranks: np.ndarray, n_positives: int | None = None) -> float:
+    """Finite-sum (non-interpolated) AP: mean over positives of precision at their rank.
+
+    ``ranks`` are the sorted 1-based ranks of the positives that were retrieved; positives
+    never retrieved count as precision 0 because the sum is divided by ``n_positives``.
+    """
+    ranks = np.asarray(ranks, dtype=np.float64)
+    n = len(ranks) if n_positives is None else n_positives
+    if n == 0:
+        return 0.0
+    return float(np.sum(np.arange(1, len(ranks) + 1) / ranks) / n)
+
+
+def full_ranking(scores: np.ndarray) -> np.ndarray:
+    """Database indices best first, ties by index: the reference a full sort gives."""
+    return np.argsort(-scores, kind="stable")

@@ -1,0 +1,72 @@
+"""Crash-safe file writes: write to a temporary name, fsync, rename, fsync the folder.
+
+A reader (or the next run after a kill -9) sees either the old file or the new one,
+never a half-written one. Every file the package writes for later use goes through here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO, Any
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO[Any]]:
+    """Open a temporary file beside ``path``; on success it replaces ``path`` atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode) as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Make a rename durable by syncing the folder entry (no-op where unsupported)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    with atomic_open(path, "wb") as fh:
+        fh.write(data)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_save(path: str | os.PathLike, writer: Callable[[IO[bytes]], None]) -> None:
+    """Let ``writer`` stream into the file (``np.save``, ``torch.save``, ...), atomically."""
+    buf = io.BytesIO()
+    writer(buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    import torch
+
+    atomic_save(path, lambda fh: torch.save(obj, fh))
+
+
+def atomic_numpy_save(path: str | os.PathLike, array: Any) -> None:
+    import numpy as np
+
+    atomic_save(path, lambda fh: np.save(fh, array, allow_pickle=False))
