@@ -112,5 +112,12 @@ class Preprocess:
         return cls(**d)
 
     def override(self, **changes: Any) -> Preprocess:
-        """Copy with the non-None ``changes`` applied (CLI overrides)."""
-        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+        """Copy with the non-None ``changes`` applied (CLI overrides).
+
+        A new ``size`` without a new ``crop`` keeps the crop ratio (e.g. 256/224), so
+        ``--image-size`` means "the input size" whatever the resize policy.
+        """
+        changes = {k: v for k, v in changes.items() if v is not None}
+        if "size" in changes and "crop" not in changes and self.crop:
+            changes["crop"] = max(1, round(self.crop * changes["size"] / self.size))
+        return replace(self, **changes)

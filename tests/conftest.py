@@ -1,0 +1,68 @@
+"""Shared fixtures: small images made on the fly, tiny descriptors, the shared datasets."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+#: ../shared/datasets beside the project root; integration tests skip when it is absent.
+DATASETS = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
+
+
+def make_image(path: Path, seed: int, size: tuple[int, int] = (96, 72), fmt: str | None = None) -> Path:
+    """A deterministic, textured RGB image (smooth blobs + noise) so descriptors differ."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    img = np.zeros((h, w, 3), np.float32)
+    for _ in range(4):
+        cx, cy, r = rng.uniform(0, w), rng.uniform(0, h), rng.uniform(8, max(w, h) / 2)
+        color = rng.uniform(0, 255, 3)
+        mask = np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * r * r))
+        img += mask[..., None] * color
+    img += rng.normal(0, 12, img.shape)
+    arr = np.clip(img, 0, 255).astype(np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr).save(path, format=fmt)
+    return path
+
+
+@pytest.fixture
+def image_dir(tmp_path: Path) -> Path:
+    """Twelve distinct JPEG/PNG images in a folder (with one subfolder)."""
+    root = tmp_path / "images"
+    for i in range(10):
+        make_image(root / f"img_{i:02d}.jpg", seed=i)
+    make_image(root / "sub" / "a.png", seed=100)
+    make_image(root / "sub" / "b.png", seed=101)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_descriptor():
+    """A small random-weight timm CNN: fast enough for every test that needs a model."""
+    from cbir.models import build_descriptor
+
+    return build_descriptor("timm:resnet10t", pretrained=False, pooling="gem", image_size=64)
+
+
+@pytest.fixture(scope="session")
+def lite0_descriptor():
+    """The real default descriptor (EfficientNet-Lite0 weights shipped on PyPI)."""
+    from cbir.models import build_descriptor
+
+    return build_descriptor()
+
+
+def dataset_or_skip(name: str) -> Path:
+    path = DATASETS / name
+    if not path.exists():
+        pytest.skip(f"{path} not present (shared benchmark data)")
+    return path
+
+
+os.environ.setdefault("TQDM_DISABLE", "1")
