@@ -23,13 +23,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from cbir.data.transforms import Preprocess
+from cbir.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 
 DEFAULT_BACKBONE = "efficientnet-lite0"
 
-# TF EfficientNet-Lite was trained on inputs scaled to [-1, 1] (mean 127, std 128 on 0..255).
-_LITE_MEAN = (127.0 / 255.0,) * 3
-_LITE_STD = (128.0 / 255.0,) * 3
+# The TF EfficientNet-Lite checkpoints were trained on inputs scaled to [-1, 1] (mean 127,
+# std 128 on 0..255), but for retrieval the ImageNet statistics describe better: on gpr-mini,
+# GeM at 224 squashed gives mAP 0.6243 with ImageNet mean/std and 0.6129 with [-1, 1].
+_LITE_MEAN = IMAGENET_MEAN
+_LITE_STD = IMAGENET_STD
 _LITE_SIZES = {"efficientnet-lite0": 224, "efficientnet-lite1": 240, "efficientnet-lite2": 260}
 
 
