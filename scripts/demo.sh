@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The main job on the embedded default (EfficientNet-Lite0 + GeM, FAISS + SQLite index in a
+# folder): install, index a folder of images, search it by image.
+# Usage: bash scripts/demo.sh [IMAGE_FOLDER] [INDEX_FOLDER]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+images=${1:-../shared/datasets/gpr-mini/images}
+db=${2:-.cbir}
+bash scripts/setup.sh
+.venv/bin/cbir index "$images" --db "$db"
+query=$(find "$images" -type f \( -iname '*.jpg' -o -iname '*.png' \) | sort | head -n 1)
+echo "searching for the images most like $query"
+.venv/bin/cbir search "$query" --db "$db" --k 10
+.venv/bin/cbir stats --db "$db"
