@@ -82,3 +82,26 @@ def alpha_dba(database: np.ndarray, k: int = 2, alpha: float = 3.0, block: int =
     ids = np.take_along_axis(ids, order, axis=1)[:, :k]
     scores = np.take_along_axis(scores, order, axis=1)[:, :k]
     return weighted_neighbour_sum(database, ids, scores, database, k, alpha, include_self=True)
+
+
+def knn(queries: np.ndarray, database: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact inner-product k-NN with FAISS: (ids, scores), each Nq x min(k, Ndb), best first."""
+    import faiss
+
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    database = np.ascontiguousarray(database, dtype=np.float32)
+    k = min(int(k), len(database))
+    if k <= 0 or len(queries) == 0:
+        return np.zeros((len(queries), 0), np.int64), np.zeros((len(queries), 0), np.float32)
+    scores, ids = faiss.knn(queries, database, k, metric=faiss.METRIC_INNER_PRODUCT)
+    return ids.astype(np.int64), scores.astype(np.float32)
+
+
+def expand_queries(
+    queries: np.ndarray, database: np.ndarray, k: int = 2, alpha: float = 3.0
+) -> np.ndarray:
+    """alpha-QE in one call: search the database, then re-form each query from its top k."""
+    if k <= 0:
+        return _l2n(np.asarray(queries, dtype=np.float32))
+    ids, scores = knn(queries, database, k)
+    return alpha_qe(queries, database, ids, scores, k=k, alpha=alpha)

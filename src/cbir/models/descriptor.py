@@ -59,15 +59,20 @@ class Descriptor(nn.Module):
         self.scales = tuple(float(s) for s in scales)
         self.ms_power = ms_power
         self.meta: dict[str, Any] = dict(meta or {})
-        if whitening is not None and whitening.in_dim != backbone.out_channels:
+        if whitening is not None and whitening.in_dim != self.pooled_dim:
             raise ValueError(
-                f"whitening expects {whitening.in_dim}-d input but the backbone gives {backbone.out_channels}"
+                f"whitening expects {whitening.in_dim}-d input but pooling gives {self.pooled_dim}"
             )
 
     # -- shape ----------------------------------------------------------------------------
     @property
+    def pooled_dim(self) -> int:
+        """Size of the pooled vector (the backbone's channels unless the pooling projects)."""
+        return self.pooling.out_dim(self.backbone.out_channels)
+
+    @property
     def dim(self) -> int:
-        return self.whitening.out_dim if self.whitening is not None else self.backbone.out_channels
+        return self.whitening.out_dim if self.whitening is not None else self.pooled_dim
 
     @property
     def multiscale_power(self) -> float:
@@ -134,8 +139,11 @@ class Descriptor(nn.Module):
         """Short human label, e.g. ``efficientnet-lite0/gem(p=3)/ms3/pca512``."""
         parts = [self.backbone.spec.name]
         pool = self.pooling.spec()
-        extra = ",".join(f"{k}={v}" for k, v in pool.items() if k not in ("name", "learnable"))
+        skip = ("name", "learnable", "region_whitening")
+        extra = ",".join(f"{k}={v}" for k, v in pool.items() if k not in skip)
         parts.append(f"{pool['name']}({extra})" if extra else pool["name"])
+        if pool.get("region_whitening"):
+            parts.append(f"rw{pool['region_whitening']['out_dim']}")
         if len(self.scales) > 1:
             parts.append("ms" + "+".join(f"{s:.3g}" for s in self.scales))
         if self.whitening is not None:
@@ -223,7 +231,7 @@ def build_descriptor(
     desc.preprocess = desc.preprocess.override(size=image_size, resize=resize, crop=crop)
     if whitening is not None:
         w = whitening if isinstance(whitening, Whitening) else Whitening.load(os.fspath(whitening))
-        if w.in_dim != desc.backbone.out_channels:
-            raise ValueError(f"whitening is for {w.in_dim}-d descriptors, this backbone gives {desc.backbone.out_channels}")
+        if w.in_dim != desc.pooled_dim:
+            raise ValueError(f"whitening is for {w.in_dim}-d vectors, pooling gives {desc.pooled_dim}")
         desc.whitening = w
     return desc.eval()

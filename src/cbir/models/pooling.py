@@ -115,6 +115,10 @@ class Pooling(nn.Module):
     def spec(self) -> dict[str, Any]:
         return {"name": self.name}
 
+    def out_dim(self, in_channels: int) -> int:
+        """Output size for a C-channel feature map (C unless the pooling projects)."""
+        return in_channels
+
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v}" for k, v in self.spec().items() if k != "name")
 
@@ -156,17 +160,50 @@ class GeM(_WithP):
 
 
 class RMAC(Pooling):
+    """R-MAC (Tolias et al. 2016); with a region whitening, Gordo et al. 2016's version.
+
+    Gordo et al. ("Deep Image Retrieval", ECCV 2016) L2-normalise each regional max-pool,
+    PCA-whiten it (a shift and projection learned on region vectors of a separate image
+    set, shared by all regions), L2-normalise again, then sum. Whitening each region
+    before summing is what lets distinctive regions outvote repeated background.
+    The whitening is a buffer of this module, so it travels inside the descriptor file;
+    ``region_whitening`` in the spec only carries its shape and provenance.
+    """
+
     name = "rmac"
 
-    def __init__(self, levels: int = 3) -> None:
+    def __init__(self, levels: int = 3, region_whitening: dict[str, Any] | None = None) -> None:
         super().__init__()
         self.levels = levels
+        self.region_whitening: nn.Module | None = None
+        if region_whitening is not None:
+            from cbir.models.whitening import Whitening  # whitening imports this module
+
+            meta = {k: v for k, v in region_whitening.items() if k not in ("in_dim", "out_dim")}
+            d_in, d_out = int(region_whitening["in_dim"]), int(region_whitening["out_dim"])
+            self.region_whitening = Whitening(torch.zeros(d_in), torch.zeros(d_out, d_in), meta)
+
+    def set_region_whitening(self, whitening: nn.Module | None) -> None:
+        """Attach (or remove, with None) a whitening learned on :meth:`regions` vectors."""
+        self.region_whitening = whitening
+
+    def regions(self, x: torch.Tensor) -> torch.Tensor:
+        """L2-normalised regional max-pools, B x R x C: what the region whitening is fit on."""
+        return l2n(regional(x, self.levels, "max"))
+
+    def out_dim(self, in_channels: int) -> int:
+        return self.region_whitening.out_dim if self.region_whitening is not None else in_channels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rmac(x, self.levels)
+        if self.region_whitening is None:
+            return rmac(x, self.levels)
+        return self.region_whitening(self.regions(x)).sum(dim=1)
 
     def spec(self) -> dict[str, Any]:
-        return {"name": self.name, "levels": self.levels}
+        out: dict[str, Any] = {"name": self.name, "levels": self.levels}
+        if self.region_whitening is not None:
+            out["region_whitening"] = self.region_whitening.spec()
+        return out
 
 
 class RGeM(_WithP):
