@@ -61,7 +61,9 @@ def gpr_average_precisions_full_sort(features: np.ndarray, labels: np.ndarray | 
     """Reference implementation: a full argsort of every row (O(N^2) memory)."""
     feats = np.asarray(features, dtype=np.float32)
     labels = np.asarray(labels)
-    sims = feats @ feats.T
+    # the same similarities as the blocks (float64 products rounded to float32, see
+    # similarity_blocks), so the two paths differ only in how they rank
+    _, sims = next(similarity_blocks(feats, feats, len(feats)))
     aps = np.zeros(len(feats))
     for q in range(len(feats)):
         rel = labels[full_ranking(sims[q])] == labels[q]

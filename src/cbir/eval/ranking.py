@@ -33,9 +33,13 @@ def similarity_blocks(
     if queries.ndim != 2 or database.ndim != 2 or queries.shape[1] != database.shape[1]:
         raise ValueError(f"incompatible shapes {queries.shape} and {database.shape}")
     rows = rows or block_rows(len(database))
-    db_t = database.T
+    # float32 BLAS results depend on the block's shape (gemv for one row, syrk for A @ A.T)
+    # and on a column's position, so duplicate vectors would not tie and blocks would not
+    # match a full sort; float64 products are exact and the rounding to float32 erases the
+    # summation-order differences.
+    db_t = database.T.astype(np.float64)
     for start in range(0, len(queries), rows):
-        yield start, queries[start : start + rows] @ db_t
+        yield start, (queries[start : start + rows].astype(np.float64) @ db_t).astype(np.float32)
 
 
 def positive_ranks(scores: np.ndarray, positives: np.ndarray) -> np.ndarray:
