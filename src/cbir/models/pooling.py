@@ -156,7 +156,8 @@ class GeM(_WithP):
         return gem(x, self.p)
 
     def spec(self) -> dict[str, Any]:
-        return {"name": self.name, "p": round(float(self.p), 6), "learnable": self.learnable}
+        p = round(float(self.p.detach()), 6)
+        return {"name": self.name, "p": p, "learnable": self.learnable}
 
 
 class RMAC(Pooling):
@@ -217,7 +218,8 @@ class RGeM(_WithP):
         return rgem(x, self.levels, self.p)
 
     def spec(self) -> dict[str, Any]:
-        return {"name": self.name, "levels": self.levels, "p": round(float(self.p), 6), "learnable": self.learnable}
+        p = round(float(self.p.detach()), 6)
+        return {"name": self.name, "levels": self.levels, "p": p, "learnable": self.learnable}
 
 
 POOLINGS: dict[str, type[Pooling]] = {c.name: c for c in (MAC, SPoC, GeM, RMAC, RGeM)}
@@ -238,13 +240,20 @@ def build_pooling(spec: str | dict[str, Any]) -> Pooling:
 def _build(name: str, kwargs: dict[str, Any]) -> Pooling:
     if name not in POOLINGS:
         raise ValueError(f"unknown pooling {name!r}; choose from {sorted(POOLINGS)} or {sorted(_ALIASES)}")
-    return POOLINGS[name](**kwargs)
+    if "p" in kwargs and not float(kwargs["p"]) > 0:
+        raise ValueError(f"pooling {name!r}: p must be positive, got {kwargs['p']}")
+    if "levels" in kwargs and int(kwargs["levels"]) < 1:
+        raise ValueError(f"pooling {name!r}: levels must be at least 1, got {kwargs['levels']}")
+    try:
+        return POOLINGS[name](**kwargs)
+    except TypeError as exc:  # an option this pooling does not take, e.g. mac:p=3
+        raise ValueError(f"pooling {name!r} does not take options {sorted(kwargs)}") from exc
 
 
 def parse_pooling(text: str) -> dict[str, Any]:
     """``"gem:p=4,learn"`` -> ``{"name": "gem", "p": 4.0, "learnable": True}``."""
     name, _, rest = text.strip().partition(":")
-    name = _ALIASES.get(name.lower(), name.lower())
+    name = _ALIASES.get(name.strip().lower(), name.strip().lower())
     out: dict[str, Any] = {"name": name}
     for item in filter(None, (s.strip() for s in rest.split(","))):
         key, eq, value = item.partition("=")
@@ -254,11 +263,17 @@ def parse_pooling(text: str) -> dict[str, Any]:
                 out["learnable"] = True
                 continue
             raise ValueError(f"bad pooling option {item!r} in {text!r}")
-        if key == "p":
-            out["p"] = float(value)
-        elif key in ("levels", "l"):
-            out["levels"] = int(value)
-        elif key == "learnable":
+        try:
+            if key == "p":
+                out["p"] = float(value)
+            elif key in ("levels", "l"):
+                out["levels"] = int(value)
+        except ValueError:
+            bad = value.strip()
+            raise ValueError(f"bad value {bad!r} for pooling option {key!r} in {text!r}") from None
+        if key in ("p", "levels", "l"):
+            continue
+        if key == "learnable":
             out["learnable"] = value.strip().lower() in ("1", "true", "yes")
         else:
             raise ValueError(f"unknown pooling option {key!r} in {text!r}")
