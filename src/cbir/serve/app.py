@@ -17,6 +17,7 @@ Design choices, each for a reason:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import os
@@ -28,7 +29,7 @@ from contextlib import asynccontextmanager
 from functools import partial
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
@@ -38,10 +39,19 @@ from PIL import Image
 from pydantic import BaseModel
 from starlette.datastructures import UploadFile as StarletteUploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.body_limit import RequestBodyLimitMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cbir.data.decode import DecodeError, load_image
 from cbir.fileio import atomic_write_bytes
+from cbir.index import (
+    DescriptorMismatchError,
+    Index,
+    IndexBusyError,
+    IndexError_,
+    IndexNotTrainedError,
+    QueryError,
+)
 from cbir.serve.errors import ApiError, error_body
 from cbir.serve.security import (
     MIME_TYPES,
@@ -53,9 +63,6 @@ from cbir.serve.security import (
 )
 from cbir.serve.settings import ServeSettings
 from cbir.serve.thumbnails import ThumbnailCache
-
-if TYPE_CHECKING:
-    from cbir.index import Index
 
 log = logging.getLogger("cbir.serve")
 T = TypeVar("T")
@@ -111,11 +118,17 @@ def _printable(text: str, limit: int = 200) -> str:
 
 
 class RequestLogAndHeaders:
-    """Log one line per request and add a request id and security headers to every response."""
+    """Log one line per request and add a request id and security headers to every response.
 
-    def __init__(self, app: ASGIApp, enabled: bool = True) -> None:
+    Unexpected exceptions become a JSON 500 naming the request id (traceback in the log
+    only). Also answers a request whose declared ``Content-Length`` exceeds ``max_body`` with
+    a JSON 413 before anything reads the body.
+    """
+
+    def __init__(self, app: ASGIApp, enabled: bool = True, max_body: int | None = None) -> None:
         self.app = app
         self.enabled = enabled
+        self.max_body = max_body
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -125,11 +138,13 @@ class RequestLogAndHeaders:
         scope.setdefault("state", {})["request_id"] = request_id
         start = time.perf_counter()
         status = 500
+        started = False
         path = scope.get("path", "")
 
         async def send_with_headers(message: Message) -> None:
-            nonlocal status
+            nonlocal status, started
             if message["type"] == "http.response.start":
+                started = True
                 status = message["status"]
                 headers = list(message.get("headers", []))
                 headers += [
@@ -144,7 +159,25 @@ class RequestLogAndHeaders:
             await send(message)
 
         try:
-            await self.app(scope, receive, send_with_headers)
+            declared = _declared_length(scope)
+            if self.max_body is not None and declared is not None and declared > self.max_body:
+                response = JSONResponse(
+                    error_body(413, f"request body over the limit of {self.max_body:,} bytes"),
+                    413,
+                    headers={"Connection": "close"},
+                )
+                await response(scope, receive, send_with_headers)
+            else:
+                await self.app(scope, receive, send_with_headers)
+        except Exception:
+            # The traceback stays in the server log; the client gets the request id to quote.
+            log.exception("request %s failed", request_id)
+            if started:
+                raise
+            response = JSONResponse(
+                error_body(500, f"internal error (request id {request_id})", "internal_error"), 500
+            )
+            await response(scope, receive, send_with_headers)
         finally:
             if self.enabled:
                 client = scope.get("client") or ("-", 0)
@@ -157,6 +190,16 @@ class RequestLogAndHeaders:
                     (time.perf_counter() - start) * 1000,
                     request_id,
                 )
+
+
+def _declared_length(scope: Scope) -> int | None:
+    for name, value in scope.get("headers", []):
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
 
 
 # -- the application ---------------------------------------------------------------------------
@@ -275,8 +318,17 @@ def create_app(index: Index, settings: ServeSettings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):  # noqa: ANN202 - FastAPI's own protocol
-        yield
-        server.shutdown()
+        refresher = None
+        if settings.refresh_seconds > 0:
+            refresher = asyncio.create_task(_refresh_loop(server, settings.refresh_seconds))
+        try:
+            yield
+        finally:
+            if refresher is not None:
+                refresher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await refresher
+            server.shutdown()
 
     app = FastAPI(
         title="cbir image search",
@@ -284,8 +336,6 @@ def create_app(index: Index, settings: ServeSettings | None = None) -> FastAPI:
         version=_version(),
         lifespan=lifespan,
         redoc_url=None,
-        # FastAPI counts body bytes as they arrive: 413 without spooling an oversized upload.
-        max_body_size=settings.max_upload_bytes,
     )
     app.state.server = server
 
@@ -309,13 +359,12 @@ def create_app(index: Index, settings: ServeSettings | None = None) -> FastAPI:
             error_body(422, "; ".join(parts) or "invalid request", "invalid_request"), 422
         )
 
-    @app.exception_handler(Exception)
-    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
-        rid = request.scope.get("state", {}).get("request_id", "-")
-        log.error("request %s failed", rid, exc_info=exc)
-        return JSONResponse(
-            error_body(500, f"internal error (request id {rid})", "internal_error"), 500
-        )
+    @app.exception_handler(IndexError_)
+    async def index_error(request: Request, exc: IndexError_) -> JSONResponse:
+        status, code = _index_error_status(exc)
+        if status >= 500:
+            log.warning("index error: %s", exc)
+        return JSONResponse(error_body(status, str(exc), code), status)
 
     # -- auth -------------------------------------------------------------------------------------
     def require_writer(request: Request) -> None:
@@ -342,7 +391,7 @@ def create_app(index: Index, settings: ServeSettings | None = None) -> FastAPI:
                 headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
             )
 
-    Writer = Annotated[None, Depends(require_writer)]
+    writer_only = [Depends(require_writer)]
 
     def search_in_pool(fn: Callable[[], T]) -> Awaitable[T]:
         return server.run(server.search_pool, fn)
@@ -513,6 +562,7 @@ def create_app(index: Index, settings: ServeSettings | None = None) -> FastAPI:
     @app.post(
         "/images",
         status_code=201,
+        dependencies=writer_only,
         response_model=AddResponse,
         summary="Add an image (needs the token)",
         responses={
@@ -540,7 +590,7 @@ def create_app(index: Index, settings: ServeSettings | None = None) -> FastAPI:
             }
         },
     )
-    async def add_image(_: Writer, request: Request) -> JSONResponse:
+    async def add_image(request: Request) -> JSONResponse:
         # The form is parsed here, after the token check, so unauthenticated clients
         # cannot make the server receive and spool an upload first.
         try:
@@ -566,7 +616,9 @@ def create_app(index: Index, settings: ServeSettings | None = None) -> FastAPI:
             if not path.exists():
                 upload_dir.mkdir(parents=True, exist_ok=True)
                 atomic_write_bytes(path, data)
-            report = index.add([path], progress=False)
+            # workers=0: decode in this thread; forking decode workers per upload would
+            # cost more than the single image they describe.
+            report = index.add([path], progress=False, workers=0)
             image_id = _id_of(index, path)
             if image_id is None:
                 reason = "; ".join(
@@ -577,7 +629,8 @@ def create_app(index: Index, settings: ServeSettings | None = None) -> FastAPI:
                     "not_indexed",
                     f"the image could not be indexed: {reason or 'unknown reason'}",
                 )
-            return image_id, str(path), bool(getattr(report, "added", 0))
+            changed = report.added + report.updated + report.moved
+            return image_id, str(path), changed > 0
 
         image_id, path, added = await server.run(server.write_pool, store_and_add)
         body = {"id": image_id, "path": server.display_path(path), "added": added}
@@ -587,12 +640,13 @@ def create_app(index: Index, settings: ServeSettings | None = None) -> FastAPI:
         "/images/{image_id}",
         response_model=RemoveResponse,
         summary="Remove an image (needs the token)",
+        dependencies=writer_only,
         responses={
             401: {"description": "Missing or wrong token"},
             404: {"description": "Not in the catalogue"},
         },
     )
-    async def remove_image(_: Writer, image_id: int) -> dict[str, int]:
+    async def remove_image(image_id: int) -> dict[str, int]:
         def remove() -> int:
             rec = index.get(image_id)
             if rec is None:
@@ -610,21 +664,58 @@ def create_app(index: Index, settings: ServeSettings | None = None) -> FastAPI:
         await server.run(server.write_pool, remove)
         return {"removed": image_id}
 
-    app.add_middleware(RequestLogAndHeaders, enabled=settings.log_requests)
+    # Innermost first: Starlette's limiter counts body bytes as they arrive (413 without
+    # spooling an oversized upload); our middleware answers a declared oversize
+    # Content-Length at once, in the API's JSON error shape, and logs every request.
+    app.add_middleware(RequestBodyLimitMiddleware, max_body_size=settings.max_upload_bytes)
+    app.add_middleware(
+        RequestLogAndHeaders, enabled=settings.log_requests, max_body=settings.max_upload_bytes
+    )
     return app
 
 
+async def _refresh_loop(server: _Server, every: float) -> None:
+    """Pick up what other processes commit (``cbir index`` run while serving).
+
+    ``Index.refresh`` compares one generation counter and reloads only on a change;
+    it runs on the writer thread so it never races the server's own writes.
+    """
+    while True:
+        await asyncio.sleep(every)
+        try:
+            if await server.run(server.write_pool, server.index.refresh):
+                log.info("index changed on disk: reloaded")
+        except Exception as exc:  # a failed refresh must not stop the loop
+            log.warning("index refresh failed: %s", exc)
+
+
+def _index_error_status(exc: IndexError_) -> tuple[int, str]:
+    """HTTP status and code for the index's own errors (their messages are user-facing)."""
+    if isinstance(exc, QueryError):
+        return 422, "bad_query"
+    if isinstance(exc, DescriptorMismatchError):
+        return 422, "descriptor_mismatch"
+    if isinstance(exc, (IndexBusyError, IndexNotTrainedError)):
+        return 503, "index_unavailable"
+    return 500, "index_error"
+
+
+#: How deep to look for a just-added file among the neighbours of its own stored vector
+#: (identical copies elsewhere in the collection tie with it at similarity 1).
+_ID_LOOKUP_DEPTH = 50
+
+
 def _id_of(index: Index, path: Path) -> int | None:
-    """Catalogue id of an indexed file (searching a stored path returns its own vector first)."""
-    lookup = getattr(index, "id_of", None)
-    if callable(lookup):
-        return lookup(str(path))
-    hits = index.search(str(path), k=1)
-    return (
-        int(hits[0].id)
-        if hits and os.path.realpath(hits[0].path) == os.path.realpath(path)
-        else None
-    )
+    """Catalogue id of an indexed file, via the public API only.
+
+    A search by an indexed path uses that file's stored vector, so the file itself is
+    among the top hits; it is recognised by its path.
+    """
+    want = os.path.realpath(path)
+    for hit in index.search(str(path), k=_ID_LOOKUP_DEPTH):
+        if os.path.realpath(hit.path) == want:
+            return int(hit.id)
+    return None
 
 
 def _delete_if_uploaded(path: str, upload_dir: Path | None) -> None:

@@ -49,6 +49,7 @@ class ServeSettings:
     thumbnail_size: int = DEFAULT_THUMBNAIL_SIZE
     thumbnail_cache_bytes: int = DEFAULT_CACHE_BYTES
     log_requests: bool = True
+    refresh_seconds: float = 5.0  # poll for changes committed by other processes; 0: never
 
     def __post_init__(self) -> None:
         if self.search_threads <= 0:
