@@ -312,7 +312,12 @@ class Index:
         return self.catalog.roots()
 
     def get(self, id_: int) -> ImageRecord | None:
+        """The catalogue record of ``id_`` (None if there is none)."""
         return self.catalog.get(id_)
+
+    def lookup(self, path: str | os.PathLike) -> ImageRecord | None:
+        """The catalogue record of a file path (made absolute), or None."""
+        return self.catalog.by_path(_abspath(path))
 
     def __len__(self) -> int:
         return self.catalog.counts()["ok"]
@@ -368,15 +373,18 @@ class Index:
             with self._rw.write():
                 self._faiss, self._faiss_generation, self._trained = index, gen, True
             return
-        if (
-            not self.readonly
-            and self.dba
-            and int(self.catalog.get_meta("dba_generation") or -1) != gen
-        ):
-            with self._writer, self._flock.hold():
-                self._refresh_dba()
-            return
-        self._rebuild(save=not self.readonly, strict=False)
+        stale_dba = self.dba and int(self.catalog.get_meta("dba_generation") or -1) != gen
+        if not self.readonly:
+            try:
+                with self._writer, self._flock.hold():
+                    if stale_dba:
+                        self._refresh_dba()
+                    else:
+                        self._rebuild(save=True, strict=False)
+                return
+            except BusyError:
+                pass  # another process is writing: build in memory, it will save the cache
+        self._rebuild(save=False, strict=False)
 
     def _cache_matches(self, index: faiss.Index) -> bool:
         try:
@@ -425,11 +433,23 @@ class Index:
     def refresh(self) -> bool:
         """Pick up changes another process committed (e.g. ``cbir index`` while a server
         runs); returns True when the index was reloaded."""
-        if self.catalog.generation == self._faiss_generation:
+        gen = self.catalog.generation
+        if gen == self._faiss_generation:
             return False
         with self._writer:
+            if not vec.cache_path(self.folder, gen).is_file() and self._other_writer_active():
+                return False  # mid-run elsewhere: wait for its cache instead of rebuilding
             self._load_or_rebuild()
         return True
+
+    def _other_writer_active(self) -> bool:
+        try:
+            with self._flock.hold():
+                return False
+        except BusyError:
+            return True
+        except OSError:  # read-only folder: cannot tell
+            return False
 
     # -- writing -------------------------------------------------------------------------------
     @contextlib.contextmanager

@@ -1,0 +1,233 @@
+"""Commands of the search engine: ``index``, ``search``, ``stats`` and ``duplicates``.
+
+A thin layer over :class:`cbir.index.Index`: parse options, call the API, print.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from cbir.cli.commands import app
+from cbir.cli.options import (
+    BatchOpt,
+    CropOpt,
+    EngineOpt,
+    ImageSizeOpt,
+    MaxPixelsOpt,
+    PoolingOpt,
+    QuietOpt,
+    ResizeOpt,
+    ScalesOpt,
+    TokenOpt,
+    WeightsOpt,
+    WhitenOpt,
+    WorkersOpt,
+    make_descriptor,
+)
+from cbir.data.decode import DEFAULT_MAX_PIXELS
+from cbir.extract import DEFAULT_ENGINE
+from cbir.index import DEFAULT_DB, Index, IndexError_
+
+console = Console(stderr=False)
+err = Console(stderr=True)
+
+DbOpt = Annotated[Path, typer.Option("--db", help="Index folder (created on first 'cbir index').")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+IndexModelOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--model",
+        "-m",
+        help="Backbone (efficientnet-lite0/1/2, timm:<name>) or a descriptor file; used when the "
+        "index is created (default efficientnet-lite0), checked against it afterwards.",
+    ),
+]
+
+
+@contextmanager
+def _user_errors() -> Iterator[None]:
+    """Index errors are the user's to fix: a message and exit status 1, no traceback."""
+    try:
+        yield
+    except (IndexError_, FileNotFoundError, PermissionError) as exc:
+        err.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(1) from exc
+
+
+def _open(db: Path, **kwargs: Any) -> Index:
+    return Index.open(db, **kwargs)
+
+
+@app.command("index")
+def index_cmd(
+    dirs: Annotated[list[Path], typer.Argument(help="Image folders, walked recursively.")],
+    db: DbOpt = Path(DEFAULT_DB),
+    factory: Annotated[
+        str | None,
+        typer.Option(
+            "--index",
+            help="FAISS index type: Flat (exact, default), HNSW32, IVF1024,PQ32, ... "
+            "Changing it later re-indexes the stored vectors without reading images.",
+        ),
+    ] = None,
+    dba: Annotated[
+        int | None,
+        typer.Option(
+            "--dba", help="Database-side augmentation: neighbours added to each vector (0 = off)."
+        ),
+    ] = None,
+    dba_alpha: Annotated[
+        float | None, typer.Option("--dba-alpha", help="DBA weight exponent (alpha-DBA).")
+    ] = None,
+    model: IndexModelOpt = None,
+    weights: WeightsOpt = None,
+    pooling: PoolingOpt = None,
+    scales: ScalesOpt = None,
+    whiten: WhitenOpt = None,
+    image_size: ImageSizeOpt = None,
+    resize: ResizeOpt = None,
+    crop: CropOpt = None,
+    token: TokenOpt = "patch",
+    engine: EngineOpt = DEFAULT_ENGINE,
+    batch_size: BatchOpt = 32,
+    workers: WorkersOpt = None,
+    max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS,
+    quiet: QuietOpt = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Index image folders incrementally: only new and changed files are described,
+    deleted ones dropped, moved ones recognised by content."""
+    descriptor_options = (weights, pooling, scales, whiten, image_size, resize, crop)
+    descriptor = None
+    if model is not None or any(o is not None for o in descriptor_options) or token != "patch":
+        descriptor = make_descriptor(
+            model or "efficientnet-lite0", weights=weights, pooling=pooling, scales=scales,
+            whiten=whiten, image_size=image_size, resize=resize, crop=crop, token=token,
+        )  # fmt: skip
+    with _user_errors():
+        with _open(
+            db, model=descriptor, factory=factory, dba=dba, dba_alpha=dba_alpha, engine=engine
+        ) as idx:
+            report = idx.sync(
+                dirs,
+                progress=not quiet,
+                batch_size=batch_size,
+                workers=workers,
+                max_pixels=max_pixels,
+            )
+            stats = idx.stats()
+    if json_out:
+        console.print_json(json.dumps({**report.to_dict(), "images": stats["images"]}))
+        return
+    for f in report.failures:
+        err.print(f"[yellow]failed[/] {f.path}: {f.reason}")
+    console.print(
+        f"{report.added} added, {report.updated} updated, {report.moved} moved, "
+        f"{report.removed} removed, {report.unchanged} unchanged, {report.failed} failed; "
+        f"{report.extracted} files described in {report.seconds:.1f}s. "
+        f"{db}: {stats['images']} images ({stats['descriptor']}, {stats['index']})"
+    )
+
+
+@app.command("search")
+def search_cmd(
+    query: Annotated[str, typer.Argument(help="An image file, or the path of an indexed image.")],
+    db: DbOpt = Path(DEFAULT_DB),
+    k: Annotated[int, typer.Option("--k", "-k", help="Number of results.")] = 20,
+    qe: Annotated[
+        int, typer.Option("--qe", help="alpha-query expansion with the top K results (0 = off).")
+    ] = 0,
+    alpha: Annotated[float, typer.Option("--alpha", help="Query-expansion weight exponent.")] = 3.0,
+    nprobe: Annotated[
+        int | None, typer.Option("--nprobe", help="IVF lists to visit (IVF types).")
+    ] = None,
+    ef_search: Annotated[
+        int | None, typer.Option("--ef-search", help="HNSW search depth (HNSW types).")
+    ] = None,
+    exclude_self: Annotated[
+        bool, typer.Option("--exclude-self", help="Leave the query's own file out of the results.")
+    ] = False,
+    engine: EngineOpt = DEFAULT_ENGINE,
+    json_out: JsonOpt = False,
+) -> None:
+    """Find the indexed images most similar to QUERY, best first."""
+    if k < 1:
+        raise typer.BadParameter("--k must be at least 1")
+    with _user_errors():
+        with _open(db, create=False, readonly=True, engine=engine) as idx:
+            hits = idx.search(
+                query, k=k, qe=qe, alpha=alpha, nprobe=nprobe, ef_search=ef_search,
+                exclude_self=exclude_self,
+            )  # fmt: skip
+    if json_out:
+        typer.echo(json.dumps({"results": [{"path": h.path, "score": h.score} for h in hits]}))
+        return
+    table = Table(title=f"{len(hits)} results for {query}")
+    table.add_column("#", justify="right")
+    table.add_column("score", justify="right")
+    table.add_column("path")
+    for rank, h in enumerate(hits, 1):
+        table.add_row(str(rank), f"{h.score:.4f}", h.path)
+    console.print(table)
+
+
+@app.command("stats")
+def stats_cmd(db: DbOpt = Path(DEFAULT_DB), json_out: JsonOpt = False) -> None:
+    """What an index holds: images, failures, descriptor, index type."""
+    with _user_errors():
+        with _open(db, create=False, readonly=True) as idx:
+            stats = idx.stats()
+            failures = [(r.path, r.error) for r in idx.failures()]
+    if json_out:
+        typer.echo(json.dumps(stats))
+        return
+    table = Table(title=f"index {stats['path']}", show_header=False)
+    for key, value in stats.items():
+        table.add_row(key, ", ".join(value) if isinstance(value, list) else str(value))
+    console.print(table)
+    for path, reason in failures[:20]:
+        err.print(f"[yellow]failed[/] {path}: {reason}")
+    if len(failures) > 20:
+        err.print(f"... and {len(failures) - 20} more failures")
+
+
+@app.command("duplicates")
+def duplicates_cmd(
+    db: DbOpt = Path(DEFAULT_DB),
+    threshold: Annotated[
+        float,
+        typer.Option(
+            "--threshold",
+            "-t",
+            help="Cosine similarity at or above which two images are duplicates.",
+        ),
+    ] = 0.95,
+    json_out: JsonOpt = False,
+) -> None:
+    """Group near-duplicate images (connected groups, largest first)."""
+    with _user_errors():
+        with _open(db, create=False, readonly=True) as idx:
+            groups = idx.duplicates(threshold)
+    if json_out:
+        typer.echo(
+            json.dumps(
+                {"groups": [[{"path": h.path, "score": h.score} for h in g] for g in groups]}
+            )
+        )
+        return
+    if not groups:
+        console.print(f"no duplicates at threshold {threshold}")
+        return
+    for n, group in enumerate(groups, 1):
+        console.print(f"[bold]group {n}[/] ({len(group)} images)")
+        for h in group:
+            console.print(f"  {h.score:.4f}  {h.path}")
+    console.print(f"{len(groups)} groups, {sum(len(g) for g in groups)} images")
