@@ -1,10 +1,26 @@
 """Extraction: many image files -> a float32 descriptor matrix, a row order and a failure list.
 
-Decoding runs in worker processes (``torch.utils.data.DataLoader``), which hand back
-resized uint8 arrays (cheap to pass between processes); the model runs in the main
-process on batches of equal-shaped images while the workers decode the next ones.
-A file that fails to decode is recorded with its reason and the run goes on.
+The pipeline is built for CPUs, where the model and the JPEG decoder compete for the
+same few cores:
 
+- **Decoding** runs in worker processes (``fork``ed before any work, so they start in
+  milliseconds and hold no model). A worker decodes a whole planned batch, using JPEG
+  draft mode to decode at the smallest DCT scale that is still at least the target size,
+  and hands back one stacked uint8 array (cheap to pass between processes).
+- **Batches are planned before decoding.** With ``squash``/``crop`` resizing every image
+  has the same tensor size, so a batch is just the next ``batch_size`` files. With
+  ``keep`` (aspect kept) the workers first read the image headers of a window of files
+  and the planner groups files of equal output size, so batches stay full instead of
+  being split into one small batch per aspect ratio.
+- **The model runs while the next batches decode**: at most ``2 * workers + 2`` batches are
+  in flight, which bounds memory whatever the number of images.
+- **Threads**: the engine gets every core (ONNX Runtime's idle threads sleep instead of
+  spinning); there is one decode process per core minus one, at least one. Earlier
+  versions ran a DataLoader with one worker per core, a deep prefetch queue and torch's
+  own intra-op threads: on 2 cores that oversubscription showed up as minutes of
+  system time.
+
+A file that fails to decode is recorded with its reason and the run goes on.
 :func:`iter_extract` yields batches as they finish (the index commits each one, so an
 interrupted job loses at most one batch); :func:`extract` collects them.
 """
@@ -12,25 +28,39 @@ interrupted job loses at most one batch); :func:`extract` collects them.
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
+import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Executor, Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
 
-from cbir.data.decode import DEFAULT_MAX_PIXELS, DecodeError, load_image
+from cbir.data.decode import DEFAULT_MAX_PIXELS, DecodeError, image_size, load_image
 from cbir.data.transforms import Preprocess
 from cbir.fileio import atomic_numpy_save, atomic_write_text
 from cbir.models.descriptor import Descriptor
 
-#: A runner maps a uint8 batch (B x H x W x 3) to float32 descriptors (B x D).
-DEFAULT_ENGINE = "torch"
 
+def _onnx_importable() -> bool:
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+#: ``onnx`` where ONNX Runtime imports (several times faster on CPUs), else ``torch``.
+DEFAULT_ENGINE = "onnx" if _onnx_importable() else "torch"
+
+#: A runner maps a uint8 batch (B x H x W x 3) to float32 descriptors (B x D).
 Runner = Callable[[np.ndarray], np.ndarray]
 Box = tuple[float, float, float, float]
 
@@ -84,34 +114,6 @@ class ExtractionResult:
         return manifest
 
 
-class _DecodeDataset(Dataset):
-    """Decodes and resizes one file; returns (index, uint8 array or None, reason)."""
-
-    def __init__(self, paths: Sequence[str], preprocess: Preprocess, max_pixels: int | None, boxes: Sequence[Box | None] | None) -> None:
-        self.paths = [os.fspath(p) for p in paths]
-        self.preprocess = preprocess
-        self.max_pixels = max_pixels
-        self.boxes = boxes
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int) -> tuple[int, np.ndarray | None, str | None]:
-        path = self.paths[i]
-        box = self.boxes[i] if self.boxes is not None else None
-        try:
-            if box is None:
-                img = load_image(path, max_pixels=self.max_pixels, target_size=self.preprocess.resized_size)
-            else:
-                img = load_image(path, max_pixels=self.max_pixels)
-                img = crop_box(img, box)
-            return i, self.preprocess.to_array(img), None
-        except DecodeError as exc:
-            return i, None, exc.reason
-        except Exception as exc:  # a resize of a degenerate image, etc.: report, don't die
-            return i, None, f"{type(exc).__name__}: {exc}"
-
-
 def crop_box(img, box: Box):
     """Crop to (x1, y1, x2, y2) in pixels, clipped to the image, at least 1 x 1."""
     w, h = img.size
@@ -121,11 +123,22 @@ def crop_box(img, box: Box):
     return img.crop((x1, y1, max(x1 + 1, x2), max(y1 + 1, y2)))
 
 
+def usable_cores() -> int:
+    """Cores this process may run on (affinity masks and container CPU sets respected)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
 def default_workers() -> int:
-    """Decode workers: one per core (the model's threads overlap with them)."""
-    return max(1, min(8, os.cpu_count() or 1))
+    """Decode processes: one per core minus the one the model mostly occupies, at least 1."""
+    return max(1, min(8, usable_cores() - 1))
 
 
+# ----------------------------------------------------------------------------------------
+# runners
+# ----------------------------------------------------------------------------------------
 def torch_runner(descriptor: Descriptor) -> Runner:
     """Run the descriptor with PyTorch eager on the CPU."""
     descriptor.eval()
@@ -135,52 +148,221 @@ def torch_runner(descriptor: Descriptor) -> Runner:
             x = descriptor.preprocess.normalize(torch.from_numpy(batch))
             return descriptor(x).float().numpy()
 
+    run.engine = "torch"  # type: ignore[attr-defined]
     return run
 
 
-def make_runner(descriptor: Descriptor, engine: str = "torch", **options: Any) -> Runner:
-    """Pick the inference engine: ``torch`` or ``onnx`` (ONNX Runtime, see :mod:`cbir.engine`)."""
+def make_runner(descriptor: Descriptor, engine: str = DEFAULT_ENGINE, **options: Any) -> Runner:
+    """Pick the inference engine: ``torch`` or ``onnx`` (ONNX Runtime, see :mod:`cbir.engine`).
+
+    When the ONNX engine cannot serve a descriptor (ONNX Runtime missing, an export that
+    fails or disagrees with torch), the run goes on with torch and says so on stderr;
+    the vectors are the same either way, only the speed differs.
+    """
     if engine == "torch":
         return torch_runner(descriptor)
     if engine == "onnx":
-        from cbir.engine import onnx_runner  # optional dependency path
+        from cbir.engine import EngineUnavailable, onnx_runner  # imported lazily: optional path
 
-        return onnx_runner(descriptor, **options)
+        try:
+            return onnx_runner(descriptor, **options)
+        except EngineUnavailable as exc:
+            name = descriptor.describe_name()
+            print(f"onnx engine unavailable for {name}: {exc}; using torch", file=sys.stderr)
+            return torch_runner(descriptor)
     raise ValueError(f"unknown engine {engine!r}: use 'torch' or 'onnx'")
 
 
-def _shape_batches(
-    items: Iterable[tuple[int, np.ndarray | None, str | None]], batch_size: int, max_buffered: int
-) -> Iterator[tuple[list[int], list[np.ndarray], list[tuple[int, str]]]]:
-    """Group decoded images by shape into batches; memory stays bounded by ``max_buffered``."""
-    buckets: dict[tuple[int, ...], list[tuple[int, np.ndarray]]] = {}
-    buffered = 0
+# ----------------------------------------------------------------------------------------
+# decode workers (run in child processes; plain data in, plain data out)
+# ----------------------------------------------------------------------------------------
+@dataclass
+class _Task:
+    """One planned batch: files to decode, resize and stack."""
+
+    indices: list[int]
+    paths: list[str]
+    boxes: list[Box | None]
+    preprocess: Preprocess
+    max_pixels: int | None
+
+
+#: (shape, indices, stacked uint8 array) groups and (index, reason) failures of one task.
+_Decoded = tuple[list[tuple[tuple[int, ...], list[int], np.ndarray]], list[tuple[int, str]]]
+
+
+def _decode_one(
+    path: str, box: Box | None, preprocess: Preprocess, max_pixels: int | None
+) -> np.ndarray:
+    if box is None:
+        img = load_image(path, max_pixels=max_pixels, target_size=preprocess.resized_size)
+    else:
+        img = crop_box(load_image(path, max_pixels=max_pixels), box)
+    return preprocess.to_array(img)
+
+
+def _decode_task(task: _Task) -> _Decoded:
+    """Decode a planned batch; images of an unexpected size form their own groups."""
+    groups: dict[tuple[int, ...], tuple[list[int], list[np.ndarray]]] = {}
     failures: list[tuple[int, str]] = []
-    for i, arr, reason in items:
-        if arr is None:
-            failures.append((i, reason or "unknown error"))
+    for i, path, box in zip(task.indices, task.paths, task.boxes, strict=True):
+        try:
+            arr = _decode_one(path, box, task.preprocess, task.max_pixels)
+        except DecodeError as exc:
+            failures.append((i, exc.reason))
             continue
-        bucket = buckets.setdefault(arr.shape, [])
-        bucket.append((i, arr))
-        buffered += 1
-        if len(bucket) >= batch_size:
-            yield [j for j, _ in bucket], [a for _, a in bucket], failures
-            failures = []
-            buffered -= len(bucket)
-            del buckets[arr.shape]
-        elif buffered >= max_buffered:
-            shape = max(buckets, key=lambda s: len(buckets[s]))
-            flushed = buckets.pop(shape)
-            buffered -= len(flushed)
-            yield [j for j, _ in flushed], [a for _, a in flushed], failures
-            failures = []
-    for flushed in buckets.values():
-        yield [j for j, _ in flushed], [a for _, a in flushed], failures
-        failures = []
-    if failures:
-        yield [], [], failures
+        except Exception as exc:  # a resize of a degenerate image, etc.: report, don't die
+            failures.append((i, f"{type(exc).__name__}: {exc}"))
+            continue
+        idx, arrays = groups.setdefault(arr.shape, ([], []))
+        idx.append(i)
+        arrays.append(arr)
+    out = [(shape, idx, np.stack(arrays)) for shape, (idx, arrays) in groups.items()]
+    return out, failures
 
 
+def _header_sizes(paths: list[str]) -> list[tuple[int, int] | None]:
+    """Upright (width, height) from each file's header; None where it cannot be read."""
+    sizes: list[tuple[int, int] | None] = []
+    for p in paths:
+        try:
+            sizes.append(image_size(p))
+        except DecodeError:
+            sizes.append(None)  # decoded (and its failure explained) like any other file
+    return sizes
+
+
+class _InlineExecutor(Executor):
+    """Runs tasks at submission, in this process (``workers=0``: tests, debugging)."""
+
+    def submit(self, fn, /, *args, **kwargs):  # type: ignore[override]
+        fut: Future = Future()
+        try:
+            fut.set_result(fn(*args, **kwargs))
+        except BaseException as exc:
+            fut.set_exception(exc)
+        return fut
+
+
+def _make_pool(workers: int) -> Executor:
+    if workers <= 0:
+        return _InlineExecutor()
+    methods = multiprocessing.get_all_start_methods()
+    # fork: workers start at once and inherit the imported modules; they only run
+    # Pillow and NumPy, never the model, so the parent's thread pools do not matter
+    ctx = multiprocessing.get_context("fork" if "fork" in methods else None)
+    return ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
+
+
+# ----------------------------------------------------------------------------------------
+# planning
+# ----------------------------------------------------------------------------------------
+def _chunks(seq: Sequence[int], size: int) -> Iterator[list[int]]:
+    for start in range(0, len(seq), size):
+        yield list(seq[start : start + size])
+
+
+def _plan_window(
+    window: list[int],
+    sizes: list[tuple[int, int] | None] | None,
+    boxes: Sequence[Box | None] | None,
+    preprocess: Preprocess,
+    batch_size: int,
+) -> list[list[int]]:
+    """Cut a window of file indices into batches of equal output size where known."""
+    if sizes is None:  # every output has the same size: input order
+        return list(_chunks(window, batch_size))
+    by_shape: dict[tuple[int, int], list[int]] = {}
+    unknown: list[int] = []
+    for i, size in zip(window, sizes, strict=True):
+        if size is None or (boxes is not None and boxes[i] is not None):
+            unknown.append(i)  # header unreadable, or a crop box: size known after decoding
+        else:
+            by_shape.setdefault(preprocess.output_size(*size), []).append(i)
+    plan: list[list[int]] = []
+    for shape in sorted(by_shape):
+        plan.extend(_chunks(by_shape[shape], batch_size))
+    plan.extend(_chunks(unknown, batch_size))
+    return plan
+
+
+def decoded_batches(
+    paths: Sequence[str],
+    preprocess: Preprocess,
+    *,
+    batch_size: int = 32,
+    workers: int | None = None,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    boxes: Sequence[Box | None] | None = None,
+    window: int | None = None,
+) -> Iterator[tuple[list[int], np.ndarray | None, list[tuple[int, str]]]]:
+    """Yield (indices, uint8 B x H x W x 3 or None, failures) in a deterministic order.
+
+    Decoding runs ``workers`` processes ahead of the consumer with at most
+    ``2 * workers + 2`` batches in flight; ``window`` files (default 16 batches) are
+    planned at a time when the output size depends on the image (``keep``).
+    """
+    if batch_size < 1:
+        raise ValueError("batch_size must be at least 1")
+    paths = [os.fspath(p) for p in paths]
+    if boxes is not None and len(boxes) != len(paths):
+        raise ValueError(f"{len(boxes)} boxes for {len(paths)} files")
+    workers = default_workers() if workers is None else max(0, workers)
+    window = window or 16 * batch_size
+    variable = preprocess.resize == "keep"
+    order = list(range(len(paths)))
+    windows = list(_chunks(order, window))
+    max_inflight = 2 * workers + 2
+    pool = _make_pool(workers)
+
+    def submit_headers(win: list[int]) -> list[Future]:
+        return [pool.submit(_header_sizes, [paths[i] for i in part]) for part in _chunks(win, 128)]
+
+    def submit_task(indices: list[int]) -> Future:
+        task = _Task(
+            indices=indices,
+            paths=[paths[i] for i in indices],
+            boxes=[boxes[i] for i in indices] if boxes is not None else [None] * len(indices),
+            preprocess=preprocess,
+            max_pixels=max_pixels,
+        )
+        return pool.submit(_decode_task, task)
+
+    def finish(fut: Future) -> Iterator[tuple[list[int], np.ndarray | None, list[tuple[int, str]]]]:
+        try:
+            groups, failures = fut.result()
+        except BrokenProcessPool as exc:
+            raise RuntimeError(
+                "a decode worker died (out of memory, or a crash inside an image decoder); "
+                "rerun with --workers 0 to find the file"
+            ) from exc
+        if not groups:
+            yield [], None, failures
+        for k, (_shape, indices, arrays) in enumerate(groups):
+            yield indices, arrays, failures if k == 0 else []
+
+    pending: deque[Future] = deque()
+    try:
+        headers = submit_headers(windows[0]) if variable and windows else None
+        for w, win in enumerate(windows):
+            sizes = [s for f in headers for s in f.result()] if headers is not None else None
+            if variable and w + 1 < len(windows):  # read the next window's headers early
+                headers = submit_headers(windows[w + 1])
+            for indices in _plan_window(win, sizes, boxes, preprocess, batch_size):
+                while len(pending) >= max_inflight:
+                    yield from finish(pending.popleft())
+                pending.append(submit_task(indices))
+        while pending:
+            yield from finish(pending.popleft())
+    finally:
+        for fut in pending:
+            fut.cancel()
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+# ----------------------------------------------------------------------------------------
+# extraction
+# ----------------------------------------------------------------------------------------
 def iter_extract(
     descriptor: Descriptor,
     paths: Sequence[str | os.PathLike],
@@ -188,45 +370,45 @@ def iter_extract(
     batch_size: int = 32,
     workers: int | None = None,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
-    engine: str = "torch",
+    engine: str = DEFAULT_ENGINE,
     runner: Runner | None = None,
     boxes: Sequence[Box | None] | None = None,
     progress: bool = True,
     desc: str = "describing",
 ) -> Iterator[Batch]:
-    """Yield :class:`Batch` objects as they are computed (order: by shape, then input)."""
+    """Yield :class:`Batch` objects as they are computed (order: planned batches)."""
     paths = [os.fspath(p) for p in paths]
     if not paths:
         return
     run = runner or make_runner(descriptor, engine)
-    workers = default_workers() if workers is None else workers
-    dataset = _DecodeDataset(paths, descriptor.preprocess, max_pixels, boxes)
-    loader = DataLoader(
-        dataset,
-        batch_size=None,
-        shuffle=False,
-        num_workers=workers,
-        collate_fn=lambda x: x,
-        prefetch_factor=4 * batch_size if workers > 0 else None,
-        persistent_workers=False,
-    )
     bar = _progress(len(paths), desc, progress)
+    stream = decoded_batches(
+        paths, descriptor.preprocess, batch_size=batch_size, workers=workers,
+        max_pixels=max_pixels, boxes=boxes,
+    )
     try:
-        for indices, arrays, failures in _shape_batches(loader, batch_size, max_buffered=4 * batch_size):
-            vectors = run(np.stack(arrays)) if arrays else np.zeros((0, descriptor.dim), np.float32)
+        for indices, arrays, failures in stream:
+            if arrays is not None:
+                vectors = np.asarray(run(arrays), dtype=np.float32)
+            else:
+                vectors = np.zeros((0, descriptor.dim), np.float32)
             fails = [(i, Failure(paths[i], r)) for i, r in failures]
             bar.update(len(indices) + len(fails))
-            for _, f in fails:
-                bar.write(f"skipped {f.path}: {f.reason}") if progress else None
-            yield Batch(indices=indices, vectors=np.asarray(vectors, dtype=np.float32), failures=fails)
+            if progress:
+                for _, f in fails:
+                    bar.write(f"skipped {f.path}: {f.reason}")
+            yield Batch(indices=indices, vectors=vectors, failures=fails)
     finally:
+        stream.close()
         bar.close()
 
 
 def _progress(total: int, desc: str, enabled: bool):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, unit="img", disable=not enabled, dynamic_ncols=True, leave=False)
+    return tqdm(
+        total=total, desc=desc, unit="img", disable=not enabled, dynamic_ncols=True, leave=False
+    )
 
 
 def extract(
@@ -253,5 +435,9 @@ def extract(
         paths=[paths[i] for i in keep],
         failures=[f for _, f in failures],
         seconds=seconds,
-        descriptor={"name": descriptor.describe_name(), "identity": descriptor.identity(), **descriptor.spec()},
+        descriptor={
+            "name": descriptor.describe_name(),
+            "identity": descriptor.identity(),
+            **descriptor.spec(),
+        },
     )

@@ -1,0 +1,306 @@
+"""Export a :class:`~cbir.models.descriptor.Descriptor` to ONNX, verified and cached.
+
+The graph takes what the decode workers produce (uint8 B x H x W x 3) and does
+everything else itself: the cast, the mean/std normalisation, the backbone at every
+scale, pooling, multi-scale combination, whitening and the L2 normalisation. Batch,
+height and width are dynamic axes, so one file serves every batch and, for the
+``keep`` resize policy, every aspect ratio.
+
+Two graph kinds:
+
+- ``descriptor``: the whole descriptor (GeM, MAC, SPoC: poolings written as reductions
+  over the spatial axes, which follow any input size).
+- ``features``: normalisation + backbone at every scale, returning the feature maps.
+  Used for the regional poolings (R-MAC, R-GeM): their regions are laid out from the
+  feature map's size in Python (:func:`cbir.models.pooling.rmac_regions`), which a trace
+  would freeze at the example's size; the runner pools these maps with the descriptor's
+  own torch code, which costs well under a millisecond per image.
+
+EfficientNet-Lite's ``Conv2dDynamicSamePadding`` computes TensorFlow-style "same"
+padding with ``math.ceil`` and ``max`` on Python ints, which a trace also freezes. While
+exporting, its ``forward`` is swapped for a numerically identical one whose padding is
+``(k_eff - s) + (-size mod s)`` (the same number, written with operations the tracer
+records), so the padding follows the input size in the exported graph.
+
+Every export is checked before it is used: ONNX Runtime and torch describe random
+images at the traced size and (where the resize policy lets sizes vary) at a different
+aspect ratio; an export that disagrees (cosine below :data:`MIN_COSINE`) is recorded as
+unusable and the caller falls back to torch instead of returning wrong vectors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import warnings
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cbir.extract import usable_cores
+from cbir.fileio import atomic_write_bytes, atomic_write_text
+from cbir.models.descriptor import Descriptor
+from cbir.models.pooling import RMAC, RGeM
+
+#: Bumped whenever the exported graph changes, so stale cache entries are not reused.
+EXPORT_VERSION = 1
+OPSET = 17
+#: Minimum cosine between ONNX Runtime's and torch's descriptor of one image.
+MIN_COSINE = 0.9999
+
+
+class EngineUnavailable(RuntimeError):
+    """The ONNX engine cannot serve this descriptor (the caller should use torch)."""
+
+
+# ----------------------------------------------------------------------------------------
+# export-friendly "same" padding
+# ----------------------------------------------------------------------------------------
+def _traceable_same_conv(self: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """TF "same" convolution with the padding written as traceable arithmetic.
+
+    With o = ceil(i / s), the library's pad ``(o - 1) s + k_eff - i`` equals
+    ``(k_eff - s) + ((-i) mod s)``; for every EfficientNet-Lite layer k_eff >= s, so the
+    ``max(., 0)`` of the original is never active (checked below).
+    """
+    ih, iw = x.shape[-2], x.shape[-1]
+    kh, kw = self.weight.shape[-2:]
+    sh, sw = self.stride
+    eh = (kh - 1) * self.dilation[0] + 1
+    ew = (kw - 1) * self.dilation[1] + 1
+    if eh < sh or ew < sw:  # pragma: no cover - no such layer in the Lite models
+        raise EngineUnavailable("a 'same' convolution with a stride above its kernel size")
+    ph = (eh - sh) + (-ih) % sh
+    pw = (ew - sw) + (-iw) % sw
+    x = F.pad(x, [pw // 2, pw - pw // 2, ph // 2, ph - ph // 2])
+    return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+@contextlib.contextmanager
+def export_friendly() -> Iterator[None]:
+    """Swap in the traceable same-padding convolution for the duration of an export."""
+    try:
+        from efficientnet_lite_pytorch.utils import Conv2dDynamicSamePadding
+    except ImportError:  # the Lite package is not installed: nothing to patch
+        yield
+        return
+    original = Conv2dDynamicSamePadding.forward
+    Conv2dDynamicSamePadding.forward = _traceable_same_conv
+    try:
+        yield
+    finally:
+        Conv2dDynamicSamePadding.forward = original
+
+
+# ----------------------------------------------------------------------------------------
+# the exported module
+# ----------------------------------------------------------------------------------------
+def graph_kind(descriptor: Descriptor) -> str:
+    """``features`` for poolings whose regions depend on the map's size, else ``descriptor``."""
+    return "features" if isinstance(descriptor.pooling, (RMAC, RGeM)) else "descriptor"
+
+
+class ExportGraph(nn.Module):
+    """uint8 B x H x W x 3 -> descriptors (``descriptor``) or per-scale maps (``features``)."""
+
+    def __init__(self, descriptor: Descriptor, kind: str) -> None:
+        super().__init__()
+        self.descriptor = descriptor
+        self.kind = kind
+        pre = descriptor.preprocess
+        self.register_buffer("mean", torch.tensor(pre.mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(pre.std, dtype=torch.float32).view(1, 3, 1, 1))
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        # the same operations, in the same order, as Preprocess.normalize
+        x = images.permute(0, 3, 1, 2).float() / 255.0
+        return (x - self.mean) / self.std
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        x = self.normalize(images)
+        if self.kind == "descriptor":
+            return self.descriptor(x)
+        maps = []
+        for s in self.descriptor.scales:
+            xs = x
+            if s != 1.0:  # same resampling as Descriptor.pooled
+                xs = F.interpolate(x, scale_factor=s, mode="bilinear", align_corners=False)
+            maps.append(self.descriptor.backbone(xs))
+        return tuple(maps)
+
+
+def features_head(descriptor: Descriptor, maps: list[np.ndarray]) -> np.ndarray:
+    """Pool per-scale feature maps exactly as :meth:`Descriptor.pooled` does, then whiten."""
+    from cbir.models.pooling import l2n, multiscale_combine
+
+    with torch.inference_mode():
+        vectors = [l2n(descriptor.pooling(torch.from_numpy(m))) for m in maps]
+        v = l2n(multiscale_combine(vectors, descriptor.multiscale_power))
+        if descriptor.whitening is not None:
+            v = descriptor.whitening(v)
+        return v.float().numpy()
+
+
+# ----------------------------------------------------------------------------------------
+# cache
+# ----------------------------------------------------------------------------------------
+def default_cache_dir() -> Path:
+    """``$CBIR_CACHE_DIR/onnx``, else ``$XDG_CACHE_HOME/cbir/onnx`` (``~/.cache/cbir/onnx``)."""
+    root = os.environ.get("CBIR_CACHE_DIR")
+    if root:
+        return Path(root) / "onnx"
+    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(xdg) / "cbir" / "onnx"
+
+
+def cache_key(descriptor: Descriptor) -> str:
+    """Descriptor identity + graph kind + exporter versions: equal keys, equal graphs."""
+    kind = graph_kind(descriptor)
+    versions = f"{EXPORT_VERSION}/{OPSET}/{torch.__version__}/{kind}"
+    tag = hashlib.sha256(versions.encode()).hexdigest()[:8]
+    return f"{descriptor.identity()}-{kind}-{tag}"
+
+
+@dataclass
+class ExportInfo:
+    """What an export produced and how it was checked (stored beside the .onnx file)."""
+
+    key: str
+    kind: str
+    usable: bool
+    dynamic_size: bool
+    min_cosine: float
+    checked_shapes: list[list[int]]
+    reason: str = ""
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+
+def _example_shapes(descriptor: Descriptor) -> list[tuple[int, int, int]]:
+    """(batch, H, W) to trace with, then to check: a second aspect where sizes can vary."""
+    pre = descriptor.preprocess
+    w0, h0 = pre.output_size(400, 300)  # landscape
+    w1, h1 = pre.output_size(301, 419)  # portrait, odd sizes
+    shapes = [(2, h0, w0), (3, h1, w1)]
+    return shapes
+
+
+def _torch_reference(graph: ExportGraph, images: np.ndarray) -> np.ndarray:
+    with torch.inference_mode():
+        out = graph(torch.from_numpy(images))
+    if graph.kind == "descriptor":
+        return out.float().numpy()
+    return features_head(graph.descriptor, [m.numpy() for m in out])
+
+
+def _min_cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    num = np.sum(a * b, axis=1)
+    den = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    return float(np.min(num / np.maximum(den, 1e-12)))
+
+
+def export_onnx(descriptor: Descriptor, path: str | os.PathLike) -> ExportInfo:
+    """Export ``descriptor`` to ``path`` (atomically) and check it against torch.
+
+    The returned :class:`ExportInfo` says whether the graph may be used and for which
+    sizes; it is also written to ``path`` with the suffix ``.json``.
+    """
+    import onnxruntime as ort  # noqa: F401  (fail early and clearly if missing)
+
+    path = Path(path)
+    descriptor = descriptor.eval()
+    kind = graph_kind(descriptor)
+    graph = ExportGraph(descriptor, kind).eval()
+    shapes = _example_shapes(descriptor)
+    rng = np.random.default_rng(0)
+    examples = [rng.integers(0, 256, size=(b, h, w, 3), dtype=np.uint8) for b, h, w in shapes]
+    n_out = 1 if kind == "descriptor" else len(descriptor.scales)
+    outputs = ["descriptors"] if kind == "descriptor" else [f"features{i}" for i in range(n_out)]
+    axes: dict[str, dict[int, str]] = {"images": {0: "batch", 1: "height", 2: "width"}}
+    for name in outputs:
+        axes[name] = {0: "batch"} if kind == "descriptor" else {0: "batch", 2: "fh", 3: "fw"}
+    buf = io.BytesIO()
+    with export_friendly(), warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
+        # the TorchScript tracer warns about every Python int it sees; the check below
+        # is what tells us whether any of them mattered
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            graph,
+            (torch.from_numpy(examples[0]),),
+            buf,
+            dynamo=False,
+            input_names=["images"],
+            output_names=outputs,
+            dynamic_axes=axes,
+            opset_version=OPSET,
+            do_constant_folding=True,
+        )
+    model_bytes = buf.getvalue()
+    session = make_session(model_bytes, threads=None)
+    worst = 1.0
+    checked: list[list[int]] = []
+    dynamic = len({(h, w) for _, h, w in shapes}) > 1
+    for images in examples:
+        ref = _torch_reference(graph, images)
+        got = run_session(session, descriptor, images)
+        worst = min(worst, _min_cosine(ref, got) if got.shape == ref.shape else -1.0)
+        checked.append(list(images.shape))
+    usable = worst >= MIN_COSINE
+    reason = "" if usable else (
+        f"the exported graph disagrees with torch (min cosine {worst:.6f} < {MIN_COSINE}); "
+        "this backbone's graph does not follow the input size"
+    )
+    info = ExportInfo(
+        key=path.stem, kind=kind, usable=usable, dynamic_size=dynamic and usable,
+        min_cosine=worst, checked_shapes=checked, reason=reason,
+    )
+    if usable:
+        atomic_write_bytes(path, model_bytes)
+    atomic_write_text(path.with_suffix(".json"), info.to_json())
+    return info
+
+
+# ----------------------------------------------------------------------------------------
+# ONNX Runtime sessions
+# ----------------------------------------------------------------------------------------
+def make_session(
+    model: bytes | str | os.PathLike, *, threads: int | None, spinning: bool = False
+) -> Any:
+    """An ONNX Runtime CPU session: all graph optimisations, ``threads`` intra-op threads.
+
+    Spinning is off by default: ORT's idle threads would otherwise busy-wait between
+    batches and take the cores away from the decode workers (the oversubscription that
+    shows up as system time).
+    """
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.intra_op_num_threads = threads or usable_cores()
+    so.inter_op_num_threads = 1
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    so.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    so.log_severity_level = 3
+    src = model if isinstance(model, bytes) else os.fspath(model)
+    return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
+
+
+def run_session(session: Any, descriptor: Descriptor, images: np.ndarray) -> np.ndarray:
+    """uint8 B x H x W x 3 -> float32 B x D through ``session`` (pooling in torch for
+    ``features`` graphs)."""
+    outs = session.run(None, {"images": np.ascontiguousarray(images, dtype=np.uint8)})
+    if len(outs) == 1 and outs[0].ndim == 2:
+        return np.asarray(outs[0], dtype=np.float32)
+    return features_head(descriptor, outs)
