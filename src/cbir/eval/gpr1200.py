@@ -15,7 +15,13 @@ from typing import Any
 
 import numpy as np
 
-from cbir.eval.ranking import average_precision, full_ranking, positive_ranks, similarity_blocks
+from cbir.eval.ranking import (
+    average_precision,
+    block_positive_ranks,
+    full_ranking,
+    positive_ranks,
+    similarity_blocks,
+)
 
 FACE_DOMAINS = ("faces", "face")
 
@@ -41,7 +47,9 @@ def _groups(labels: np.ndarray) -> dict[Any, np.ndarray]:
     return {u: np.sort(order[s:e]) for u, s, e in zip(uniq, starts, bounds, strict=True)}
 
 
-def gpr_average_precisions(features: np.ndarray, labels: np.ndarray | list[int], *, block_rows: int | None = None) -> np.ndarray:
+def gpr_average_precisions(
+    features: np.ndarray, labels: np.ndarray | list[int], *, block_rows: int | None = None
+) -> np.ndarray:
     """AP of every image queried against all (itself included), computed in blocks."""
     feats = np.asarray(features, dtype=np.float32)
     labels = np.asarray(labels)
@@ -50,10 +58,11 @@ def gpr_average_precisions(features: np.ndarray, labels: np.ndarray | list[int],
     members = _groups(labels)
     aps = np.zeros(len(feats), dtype=np.float64)
     for start, sims in similarity_blocks(feats, feats, block_rows):
-        for r in range(sims.shape[0]):
-            q = start + r
-            pos = members[labels[q]]
-            aps[q] = average_precision(positive_ranks(sims[r], pos), len(pos))
+        # ranks of a whole block at once (a partial sort: only the items at or above a
+        # row's lowest positive are ordered); AP per row, as the full sort computes it
+        pos = [members[labels[q]] for q in range(start, start + sims.shape[0])]
+        for r, ranks in enumerate(block_positive_ranks(sims, pos)):
+            aps[start + r] = average_precision(ranks, len(pos[r]))
     return aps
 
 
