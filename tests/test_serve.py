@@ -177,7 +177,26 @@ def test_upload_too_large_is_413(client: TestClient) -> None:
     assert len(big) > 200_000
     r = client.post("/search", files={"image": ("big.png", big, "image/png")})
     assert r.status_code == 413
-    assert _error(r)["status"] == 413
+    assert _error(r)["code"] == "too_large"
+
+
+def test_streamed_upload_over_the_limit_is_413(client: TestClient) -> None:
+    """No Content-Length (chunked): the body is counted as it arrives and cut off."""
+    boundary = "cbirtestboundary"
+
+    def body():
+        yield (
+            f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; "
+            f"filename=\"a.png\"\r\nContent-Type: image/png\r\n\r\n"
+        ).encode()
+        for _ in range(50):
+            yield b"\0" * 10_000
+        yield f"\r\n--{boundary}--\r\n".encode()
+
+    r = client.post("/search", content=body(),
+                    headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    assert r.status_code == 413
+    assert _error(r)["code"] == "too_large"
 
 
 def test_non_image_is_415_whatever_its_name(client: TestClient) -> None:

@@ -35,14 +35,13 @@ from fastapi import Depends, FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
-from PIL import Image
 from pydantic import BaseModel
 from starlette.datastructures import UploadFile as StarletteUploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.body_limit import RequestBodyLimitMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from cbir.data.decode import DecodeError, load_image
+from cbir.data.decode import DecodeError, image_size, load_image
 from cbir.fileio import atomic_write_bytes
 from cbir.index import (
     DescriptorMismatchError,
@@ -282,8 +281,13 @@ class _Server:
         return rel.replace(os.sep, "/")
 
 
-def _decode_upload(data: bytes, max_pixels: int) -> tuple[Image.Image, str]:
-    """Sniff, then decode an upload: 415 if not an accepted image format, 422 if undecodable."""
+def _check_upload(data: bytes, max_pixels: int) -> tuple[str, int, int]:
+    """Format, width and height of an upload, from its bytes and header only.
+
+    415 when the bytes are not an accepted image format (whatever the name or declared
+    type), 422 when the header is unreadable or declares more than ``max_pixels``
+    (a decompression bomb is refused before a single pixel is decoded).
+    """
     if not data:
         raise ApiError(422, "empty_upload", "the uploaded file is empty")
     fmt = sniff_image_format(data)
@@ -295,14 +299,31 @@ def _decode_upload(data: bytes, max_pixels: int) -> tuple[Image.Image, str]:
             "(JPEG, PNG, GIF, BMP, WebP, TIFF, PPM)",
         )
     try:
-        img = load_image(data, max_pixels=max_pixels)
+        width, height = image_size(data)
     except DecodeError as exc:
-        if exc.reason.startswith("too large"):
-            raise ApiError(422, "too_many_pixels", f"image {exc.reason}") from exc
+        raise ApiError(422, "undecodable_image", f"the {fmt} image cannot be read") from exc
+    if width * height > max_pixels:
+        raise ApiError(
+            422,
+            "too_many_pixels",
+            f"image too large: {width}x{height} = {width * height:,} pixels "
+            f"exceeds the limit of {max_pixels:,}",
+        )
+    return fmt, width, height
+
+
+def _decode_upload(data: bytes, max_pixels: int, index: Index) -> str:
+    """Check and fully decode an upload before it is stored (422 if it will not decode)."""
+    fmt, _, _ = _check_upload(data, max_pixels)
+    try:
+        load_image(
+            data, max_pixels=max_pixels, target_size=index.descriptor.preprocess.resized_size
+        )
+    except DecodeError as exc:
         raise ApiError(
             422, "undecodable_image", f"the {fmt} image cannot be decoded: {exc.reason}"
         ) from exc
-    return img, fmt
+    return fmt
 
 
 def create_app(index: Index, settings: ServeSettings | None = None) -> FastAPI:
@@ -470,14 +491,17 @@ def create_app(index: Index, settings: ServeSettings | None = None) -> FastAPI:
             data = await image.read()
 
             def run_upload() -> tuple[list[Any], dict[str, Any]]:
-                img, fmt = _decode_upload(data, settings.max_pixels)
-                hits = index.search(img, k=k, qe=qe, alpha=alpha)
-                return hits, {
-                    "type": "upload",
-                    "format": fmt,
-                    "width": img.width,
-                    "height": img.height,
-                }
+                fmt, width, height = _check_upload(data, settings.max_pixels)
+                try:
+                    # The bytes go to the index, which decodes them exactly as it decoded
+                    # the collection (JPEG draft mode included): an indexed file uploaded
+                    # again gets its own vector back, similarity 1.
+                    hits = index.search(data, k=k, qe=qe, alpha=alpha, exclude_self=exclude_self)
+                except QueryError as exc:
+                    raise ApiError(
+                        422, "undecodable_image", f"the {fmt} image cannot be decoded: {exc}"
+                    ) from exc
+                return hits, {"type": "upload", "format": fmt, "width": width, "height": height}
 
             hits, query_info = await search_in_pool(run_upload)
         else:
@@ -609,7 +633,7 @@ def create_app(index: Index, settings: ServeSettings | None = None) -> FastAPI:
         upload_dir = settings.upload_dir
 
         def store_and_add() -> tuple[int, str, bool]:
-            _img, fmt = _decode_upload(data, settings.max_pixels)
+            fmt = _decode_upload(data, settings.max_pixels, index)
             # Content-addressed name: the client's file name never reaches the file system.
             name = hashlib.sha256(data).hexdigest()[:32] + SUFFIXES[fmt]
             path = upload_dir / name

@@ -21,8 +21,26 @@ class ApiError(HTTPException):
         self.code = code
 
 
+#: Codes fixed here rather than derived from ``http.HTTPStatus`` phrases, which change
+#: between Python versions (413 became "Content Too Large" in 3.13).
+_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "too_large",
+    415: "unsupported_media_type",
+    422: "invalid_request",
+    500: "internal_error",
+    503: "unavailable",
+}
+
+
 def error_code(status: int) -> str:
-    """``413`` -> ``"request_entity_too_large"``: a stable code when no specific one is set."""
+    """``404`` -> ``"not_found"``: a stable code when no more specific one is set."""
+    if status in _CODES:
+        return _CODES[status]
     try:
         return HTTPStatus(status).phrase.lower().replace(" ", "_").replace("-", "_")
     except ValueError:
