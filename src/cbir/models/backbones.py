@@ -128,7 +128,12 @@ def _lite(spec: BackboneSpec, weights: str | None, pretrained: bool) -> Backbone
         cls_name = "EfficientnetLite" + name[-1] + "ModelFile"
         weights = getattr(module, cls_name).get_model_file_path()
     if weights is not None and os.path.isfile(weights):
-        body = _quiet_call(EfficientNet.from_pretrained, name, weights_path=weights, image_size=None)
+        try:
+            body = _quiet_call(
+                EfficientNet.from_pretrained, name, weights_path=weights, image_size=None
+            )
+        except Exception as exc:  # not a weights file, or the weights of another variant
+            raise BackboneError(f"{weights} cannot be loaded into {name}: {exc}") from exc
     elif weights is not None:
         raise BackboneError(f"weights file not found: {weights}")
     else:
@@ -170,8 +175,11 @@ def _timm(spec: BackboneSpec, weights: str | None, pretrained: bool) -> Backbone
     if weights is not None:
         if not os.path.isfile(weights):
             raise BackboneError(f"weights file not found: {weights}")
-        state = _load_state(weights)
-        missing, _unexpected = body.load_state_dict(state, strict=False)
+        try:
+            state = _load_state(weights)
+            missing, _unexpected = body.load_state_dict(state, strict=False)
+        except Exception as exc:  # not a weights file, or tensors of other shapes
+            raise BackboneError(f"{weights} cannot be loaded into timm:{arch}: {exc}") from exc
         real_missing = [k for k in missing if not k.startswith(("head", "fc", "classifier"))]
         if real_missing:
             raise BackboneError(f"{weights} does not fit timm:{arch}: missing {real_missing[:5]}")
