@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -362,6 +363,32 @@ def test_read_only_server_refuses_writes(index: Index) -> None:
         assert r.status_code == 403 and _error(r)["code"] == "writes_disabled"
         assert c.delete("/images/1", headers=AUTH).status_code == 403
         assert c.get("/stats").json()["server"]["writes"] is False
+
+
+def test_changes_from_another_writer_are_picked_up(index: Index, tmp_path: Path) -> None:
+    """A ``cbir index`` run in another process while serving: the server reloads by itself."""
+    settings = ServeSettings(refresh_seconds=0.2)
+    other = Index.open(index.folder)  # a second handle, as another process would have
+    extra = make_image(Path(index.roots[0]) / "late.jpg", seed=77)
+    try:
+        with TestClient(create_app(index, settings), raise_server_exceptions=False) as c:
+            def top_hit() -> str:
+                files = {"image": ("q.jpg", extra.read_bytes(), "image/jpeg")}
+                return c.post("/search", files=files, data={"k": "1"}).json()["results"][0]["path"]
+
+            before = c.get("/health").json()["images"]
+            assert top_hit() != "late.jpg"
+            other.add([extra], progress=False, workers=0)
+            deadline = time.monotonic() + 30
+            while top_hit() != "late.jpg":
+                assert time.monotonic() < deadline, "the server never saw the new image"
+                time.sleep(0.2)
+            assert c.get("/health").json()["images"] == before + 1
+    finally:
+        other.remove([str(extra)])
+        other.close()
+        extra.unlink()
+        index.refresh()
 
 
 def test_unknown_route_and_method_are_json(client: TestClient) -> None:
