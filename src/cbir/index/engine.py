@@ -259,8 +259,14 @@ class Index:
                         raise IndexError_(
                             f"cannot change {', '.join(changes)} of an index opened read-only"
                         )
-                    with index._flock.hold():
-                        catalog.set_meta(changes)
+                    with index._flock.hold(), catalog.write() as con:
+                        if "dba" in changes or "dba_alpha" in changes:
+                            # augmented vectors are stale: drop them (raw ones are kept);
+                            # a dba > 0 recomputes them when the cache is rebuilt below
+                            con.execute("UPDATE images SET augmented = NULL")
+                            changes["dba_generation"] = "-1"
+                            Catalog.bump_generation(con)
+                        catalog.set_meta(changes, con=con)
             if not index.readonly:
                 index._clean_temporaries()
             index._load_or_rebuild()
