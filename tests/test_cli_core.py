@@ -105,17 +105,22 @@ def test_extract_several_inputs_and_single_files(
         (["extract", "{images}", "--out", "{out}", "--pooling", "mac:p=3"], "does not take"),
         (["extract", "{images}", "--out", "{out}", "--model", "nonsense"], "unknown backbone"),
         (["extract", "{images}", "--out", "{out}", "--scales", "1,-2"], "positive"),
+        (["extract", "{images}", "--out", "{out}", "--whiten", "{junk}"], "not a readable"),
+        (["extract", "{images}", "--out", "{out}", "--whiten", "{missing}"], "missing"),
+        (["extract", "{images}", "--out", "{out}", "--model", "{junk}"], "not a readable"),
     ],
 )
 def test_extract_errors_are_messages(
     tmp_path: Path, image_dir: Path, descriptor_file: Path, args: list[str], message: str
 ) -> None:
     (tmp_path / "empty").mkdir()
+    (tmp_path / "junk.pt").write_bytes(b"junk\n")
     values = {
         "missing": tmp_path / "missing",
         "empty": tmp_path / "empty",
         "images": image_dir,
         "out": tmp_path / "f.npy",
+        "junk": tmp_path / "junk.pt",
     }
     argv = [a.format(**values) for a in args]
     if "--model" not in argv:

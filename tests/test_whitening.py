@@ -146,6 +146,9 @@ def test_save_load_round_trip(tmp_path: Path) -> None:
     torch.save({"format": "something-else"}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="not a cbir whitening file"):
         Whitening.load(str(tmp_path / "other.pt"))
+    (tmp_path / "junk.pt").write_bytes(b"junk\n")
+    with pytest.raises(ValueError, match="not a readable cbir whitening file"):
+        Whitening.load(str(tmp_path / "junk.pt"))
 
 
 def test_mismatched_mean_and_projection() -> None:

@@ -70,7 +70,13 @@ class Whitening(nn.Module):
 
     @classmethod
     def load(cls, path: str) -> Whitening:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        """Read a file written by :meth:`save`; anything else is a ValueError naming it."""
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise
+        except Exception as exc:  # torch raises KeyError, UnpicklingError, ... on junk
+            raise ValueError(f"{path} is not a readable cbir whitening file: {exc!r}") from exc
         if not isinstance(obj, dict) or obj.get("format") != "cbir-whitening":
             raise ValueError(f"{path} is not a cbir whitening file")
         return cls.from_state(obj)
