@@ -154,3 +154,21 @@ def test_rparis_mini_end_to_end(tiny_file: Path, tmp_path: Path) -> None:
     ranks = np.load(ranks_path)
     assert ranks.shape == (12, 238)
     assert _printed(res.output) == _recomputed(ranks, root)
+
+
+def test_learned_whitening_file_is_used(
+    mini_revisited: Path, tiny_file: Path, tmp_path: Path
+) -> None:
+    from cbir.models.whitening import fit_learned_whitening, pairs_from_labels
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(60, 512))
+    q, p = pairs_from_labels(np.repeat(np.arange(15), 4))
+    w_path = tmp_path / "lw.pt"
+    fit_learned_whitening(x, q, p, dim=32).save(str(w_path))
+    json_path = tmp_path / "r.json"
+    args = ["bench", "revisited", str(mini_revisited), "--model", str(tiny_file)]
+    args += ["--whiten", str(w_path), "--json", str(json_path), "--workers", "0", "-q"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert json.loads(json_path.read_text())["descriptor"].endswith("learned32")
