@@ -1,0 +1,186 @@
+"""``cbir train``: fine-tune a descriptor for retrieval (a thin layer over :mod:`cbir.train`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from cbir.cli.commands import app
+from cbir.cli.options import ImageSizeOpt, ModelOpt, QuietOpt
+from cbir.models.backbones import DEFAULT_BACKBONE
+from cbir.train import TrainConfig, TrainDataError, default_checkpoint_dir, load_train_data, train
+from cbir.train.trainer import RADENOVIC_LR_DECAY
+
+console = Console(stderr=False)
+err = Console(stderr=True)
+
+
+@app.command("train")
+def train_cmd(
+    data: Annotated[
+        list[Path],
+        typer.Argument(
+            help="Class folders DATA/<class>/*.jpg (one or more roots), "
+            "or one CSV of query,positive,cluster rows."
+        ),
+    ],
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Descriptor file to write (use it with --model).")
+    ],
+    model: ModelOpt = DEFAULT_BACKBONE,
+    pooling: Annotated[
+        str, typer.Option("--pooling", "-p", help="gem or rgem (p is learned), or mac/spoc.")
+    ] = "gem",
+    loss: Annotated[
+        str,
+        typer.Option("--loss", help="contrastive (Radenovic et al.) or triplet (Gordo et al.)."),
+    ] = "contrastive",
+    margin: Annotated[
+        float | None,
+        typer.Option("--margin", help="Loss margin [default: 0.7 contrastive, 0.1 triplet]."),
+    ] = None,
+    epochs: Annotated[
+        int, typer.Option("--epochs", "-e", help="Epochs (negatives are re-mined before each).")
+    ] = 10,
+    max_tuples: Annotated[
+        int, typer.Option("--max-tuples", help="Training tuples per epoch.")
+    ] = 1000,
+    negatives: Annotated[
+        int, typer.Option("--negatives", "-k", help="Hard negatives per tuple.")
+    ] = 5,
+    pool_size: Annotated[
+        int, typer.Option("--pool-size", help="Random images described to mine negatives from.")
+    ] = 2000,
+    image_size: ImageSizeOpt = None,
+    batch: Annotated[
+        int, typer.Option("--batch", help="Tuples per optimizer step (gradients accumulated).")
+    ] = 5,
+    chunk: Annotated[
+        int, typer.Option("--chunk", help="Tuples per forward pass (memory vs speed).")
+    ] = 1,
+    lr: Annotated[
+        float, typer.Option("--lr", help="Adam learning rate of the backbone (GeM p gets 10x).")
+    ] = 1e-6,
+    weight_decay: Annotated[
+        float, typer.Option("--weight-decay", help="Backbone weight decay (none on p).")
+    ] = 1e-6,
+    lr_decay: Annotated[
+        float, typer.Option("--lr-decay", help="Learning-rate factor per epoch.")
+    ] = RADENOVIC_LR_DECAY,
+    freeze_bn: Annotated[
+        bool, typer.Option("--freeze-bn/--train-bn", help="Keep BatchNorm statistics frozen.")
+    ] = True,
+    freeze: Annotated[
+        float,
+        typer.Option(
+            "--freeze",
+            help="Share of backbone weights (input side first) kept fixed: faster on a CPU.",
+        ),
+    ] = 0.0,
+    val: Annotated[
+        Path | None,
+        typer.Option("--val", help="Validation class folders (default: hold out classes of DATA)."),
+    ] = None,
+    val_fraction: Annotated[
+        float,
+        typer.Option("--val-fraction", help="Share of classes held out when no --val (0: none)."),
+    ] = 0.1,
+    keep: Annotated[
+        str,
+        typer.Option("--keep", help="Output the 'best' epoch by validation mAP, or the 'last'."),
+    ] = "best",
+    whiten: Annotated[
+        bool,
+        typer.Option(
+            "--whiten/--no-whiten", help="Fit learned whitening on the training data afterwards."
+        ),
+    ] = False,
+    whiten_dim: Annotated[
+        int | None, typer.Option("--whiten-dim", help="Whitening output dimension.")
+    ] = None,
+    seed: Annotated[
+        int, typer.Option("--seed", help="Random seed: the same seed reproduces a run.")
+    ] = 0,
+    time_limit: Annotated[
+        float | None,
+        typer.Option("--time-limit", help="Minutes; no epoch is started that would overrun."),
+    ] = None,
+    checkpoints: Annotated[
+        Path | None,
+        typer.Option("--checkpoints", help="Checkpoint folder [default: OUT's name + .ckpt]."),
+    ] = None,
+    resume: Annotated[
+        Path | None,
+        typer.Option(
+            "--resume",
+            help="Continue exactly from a checkpoint (its settings are used; --epochs may extend).",
+        ),
+    ] = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Fine-tune a backbone for retrieval with hard-negative mining (Radenovic et al. 2018)."""
+    try:
+        config = TrainConfig(
+            model=model,
+            pooling=pooling,
+            loss=loss,
+            margin=margin,
+            epochs=epochs,
+            max_tuples=max_tuples,
+            negatives=negatives,
+            pool_size=pool_size,
+            image_size=image_size,
+            batch_size=batch,
+            chunk=chunk,
+            lr=lr,
+            weight_decay=weight_decay,
+            lr_decay=lr_decay,
+            freeze_bn=freeze_bn,
+            freeze=freeze,
+            val_fraction=0.0 if val is not None else val_fraction,
+            seed=seed,
+            whiten=whiten,
+            whiten_dim=whiten_dim,
+            keep=keep,
+            time_limit=time_limit * 60 if time_limit else None,
+        )
+        train_data = load_train_data(data)
+        val_data = load_train_data([val]) if val is not None else None
+        ckpt = checkpoints or default_checkpoint_dir(out)
+        result = train(
+            config,
+            train_data,
+            val=val_data,
+            out=out,
+            checkpoint_dir=ckpt,
+            resume=resume,
+            progress=not quiet,
+            log=lambda m: err.print(m),
+        )
+    except (TrainDataError, ValueError) as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    table = Table(title=f"fine-tuning {config.model} on {', '.join(map(str, data))}")
+    for col in ("epoch", "loss", "val mAP", "p", "seconds"):
+        table.add_column(col, justify="right")
+    for h in result.history:
+        table.add_row(
+            str(h.epoch),
+            "-" if h.loss is None else f"{h.loss:.4f}",
+            "-" if h.val_map is None else f"{h.val_map:.4f}",
+            "-" if h.p is None else f"{h.p:.3f}",
+            f"{h.seconds:.0f}",
+        )
+    console.print(table)
+    w = (
+        f", whitened (val mAP {result.whitening_val_map:.4f})"
+        if result.whitening_val_map is not None
+        else ""
+    )
+    console.print(
+        f"kept epoch {result.best_epoch}{w}; {result.seconds / 60:.1f} min -> {out} "
+        f"({result.descriptor.describe_name()}); checkpoints in {ckpt}"
+    )
