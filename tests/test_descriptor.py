@@ -229,6 +229,17 @@ def test_efficientnet_lite0_on_non_square_input(lite0_descriptor: Descriptor) ->
     assert float(np.linalg.norm(vec)) == pytest.approx(1.0, abs=1e-4)
 
 
+@pytest.mark.slow
+def test_default_descriptor_file_round_trip(tmp_path: Path, lite0_descriptor: Descriptor) -> None:
+    """The default descriptor (real weights, BatchNorm statistics) reloads bit for bit."""
+    lite0_descriptor.save(tmp_path / "lite0.cbir")
+    back = Descriptor.load(tmp_path / "lite0.cbir")
+    assert back.identity() == lite0_descriptor.identity()
+    x = batch(7, (1, 3, 224, 224))
+    with torch.inference_mode():
+        assert torch.equal(lite0_descriptor.eval()(x), back(x))
+
+
 @pytest.mark.parametrize(
     ("name", "message"),
     [
