@@ -4,10 +4,12 @@ Design choices, each for a reason:
 
 * The descriptor model lives in the index and is loaded once, before the app exists;
   requests only call ``index.search``/``add``/``remove``.
-* Searches (decode + model + FAISS) run in a thread pool sized to the machine, so
-  slow searches never block the event loop and several run at once (PyTorch and FAISS
-  release the GIL). Writes run on one separate thread: they are serialised and never
-  take a search thread; the index's own locking keeps searches consistent meanwhile.
+* Searches run in thread pools sized to the machine, so slow searches never block
+  the event loop and several run at once (PyTorch, ONNX Runtime and FAISS release the
+  GIL): one lane for image queries (decode + model), one for look-ups by stored vector,
+  thumbnails and stats, so cheap requests do not queue behind expensive ones. Writes
+  run on one separate thread: they are serialised and never take a search thread; the
+  index's own locking keeps searches consistent meanwhile.
 * Files are only ever served by catalogue id: the request names an id, the catalogue
   names the file, and the file must still lie under one of the indexed roots.
 * Every error is ``{"error": {"status", "code", "message"}}``; tracebacks go to the
@@ -208,8 +210,15 @@ class _Server:
     def __init__(self, index: Index, settings: ServeSettings) -> None:
         self.index = index
         self.settings = settings
-        self.search_pool = ThreadPoolExecutor(
-            settings.search_threads, thread_name_prefix="cbir-search"
+        # Two lanes, each sized to the machine: image queries (decode + model, tens of
+        # milliseconds) and look-ups (search by a stored vector, thumbnails, stats: about
+        # a millisecond of FAISS or SQLite). Without the split, a click on a result waits
+        # behind every queued upload, although its own work is a thousand times smaller.
+        self.model_pool = ThreadPoolExecutor(
+            settings.search_threads, thread_name_prefix="cbir-model"
+        )
+        self.lookup_pool = ThreadPoolExecutor(
+            settings.search_threads, thread_name_prefix="cbir-lookup"
         )
         self.write_pool = ThreadPoolExecutor(1, thread_name_prefix="cbir-write")
         self.thumbnails = ThumbnailCache(
@@ -232,7 +241,8 @@ class _Server:
         return await loop.run_in_executor(pool, partial(fn, *args, **kwargs))
 
     def shutdown(self) -> None:
-        self.search_pool.shutdown(wait=True, cancel_futures=True)
+        self.model_pool.shutdown(wait=True, cancel_futures=True)
+        self.lookup_pool.shutdown(wait=True, cancel_futures=True)
         self.write_pool.shutdown(wait=True)
 
     # -- catalogue look-ups --------------------------------------------------------------------
@@ -414,8 +424,8 @@ def create_app(index: Index, settings: ServeSettings | None = None) -> FastAPI:
 
     writer_only = [Depends(require_writer)]
 
-    def search_in_pool(fn: Callable[[], T]) -> Awaitable[T]:
-        return server.run(server.search_pool, fn)
+    def lookup(fn: Callable[[], T]) -> Awaitable[T]:
+        return server.run(server.lookup_pool, fn)
 
     # -- pages ------------------------------------------------------------------------------------
     @app.get("/", include_in_schema=False)
@@ -431,12 +441,12 @@ def create_app(index: Index, settings: ServeSettings | None = None) -> FastAPI:
     # -- read endpoints ---------------------------------------------------------------------------
     @app.get("/health", response_model=HealthResponse, summary="Liveness and collection size")
     async def health() -> dict[str, Any]:
-        stats = await search_in_pool(index.stats)
+        stats = await lookup(index.stats)
         return {"status": "ok", "images": int(stats.get("images", 0))}
 
     @app.get("/stats", summary="Collection size, descriptor, index type and server limits")
     async def stats() -> dict[str, Any]:
-        raw = await search_in_pool(index.stats)
+        raw = await lookup(index.stats)
         # Whitelist: the index's stats also hold absolute paths (roots) that clients need not see.
         public = {
             k: raw[k]
@@ -503,7 +513,7 @@ def create_app(index: Index, settings: ServeSettings | None = None) -> FastAPI:
                     ) from exc
                 return hits, {"type": "upload", "format": fmt, "width": width, "height": height}
 
-            hits, query_info = await search_in_pool(run_upload)
+            hits, query_info = await server.run(server.model_pool, run_upload)
         else:
             assert id is not None
 
@@ -511,7 +521,7 @@ def create_app(index: Index, settings: ServeSettings | None = None) -> FastAPI:
                 rec = server.record_or_404(id)
                 return index.search(rec.path, k=k, qe=qe, alpha=alpha, exclude_self=exclude_self)
 
-            hits = await search_in_pool(run_id)
+            hits = await lookup(run_id)
             query_info = {"type": "id", "id": id}
         root = request.scope.get("root_path", "")
         results = [
@@ -542,7 +552,7 @@ def create_app(index: Index, settings: ServeSettings | None = None) -> FastAPI:
         },
     )
     async def get_image(image_id: int) -> FileResponse:
-        path = await search_in_pool(lambda: server.catalogue_file(image_id))
+        path = await lookup(lambda: server.catalogue_file(image_id))
         fmt = sniff_file_format(path)
         if fmt is None:
             raise ApiError(
@@ -576,7 +586,7 @@ def create_app(index: Index, settings: ServeSettings | None = None) -> FastAPI:
                     404, "image_unreadable", f"image {image_id} cannot be decoded"
                 ) from exc
 
-        thumb = await search_in_pool(make)
+        thumb = await lookup(make)
         headers = {"ETag": thumb.etag, "Cache-Control": "private, max-age=300"}
         if request.headers.get("if-none-match") == thumb.etag:
             return Response(status_code=304, headers=headers)
