@@ -1,0 +1,156 @@
+"""``cbir index/search/stats/duplicates`` end to end, including a kill -9 mid-run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import make_image
+from typer.testing import CliRunner
+
+from cbir.cli.commands import app
+from cbir.index import Index
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def tiny_file(tiny_descriptor, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("desc") / "tiny.cbir"
+    tiny_descriptor.save(path)
+    return path
+
+
+def cli(*args: str) -> tuple[int, str]:
+    """Exit code and stdout (messages on stderr, e.g. a model export, are left out)."""
+    result = runner.invoke(app, [str(a) for a in args])
+    return result.exit_code, result.stdout if result.exit_code == 0 else result.output
+
+
+def test_index_search_stats_duplicates(tmp_path: Path, image_dir: Path, tiny_file: Path) -> None:
+    db = tmp_path / "db"
+    code, out = cli("index", image_dir, "--db", db, "--model", tiny_file, "-j", "0", "-q", "--json")
+    assert code == 0, out
+    report = json.loads(out)
+    assert report["added"] == 12 and report["extracted"] == 12 and report["images"] == 12
+
+    query = image_dir / "img_04.jpg"
+    code, out = cli("search", query, "--db", db, "--k", "5", "--json")
+    assert code == 0, out
+    payload = json.loads(out)
+    assert list(payload) == ["results"] and len(payload["results"]) == 5
+    assert all(set(r) == {"path", "score"} for r in payload["results"])
+    assert payload["results"][0]["path"] == str(query)
+    scores = [r["score"] for r in payload["results"]]
+    assert scores == sorted(scores, reverse=True)
+    code, out = cli(
+        "search", query, "--db", db, "--k", "3", "--json", "--exclude-self", "--qe", "2"
+    )
+    assert code == 0 and str(query) not in out
+
+    code, out = cli("search", query, "--db", db, "--k", "3")  # the table
+    assert code == 0 and "img_04.jpg" in out
+
+    (image_dir / "img_00.jpg").unlink()
+    (image_dir / "img_01.jpg").unlink()
+    code, out = cli("index", image_dir, "--db", db, "-j", "0", "-q", "--json")
+    assert code == 0 and json.loads(out)["removed"] == 2 and json.loads(out)["extracted"] == 0
+    code, out = cli("stats", "--db", db, "--json")
+    stats = json.loads(out)
+    assert stats["images"] == 10 == len([p for p in image_dir.rglob("*") if p.is_file()])
+    assert (
+        stats["failures"] == 0
+        and stats["index"] == "Flat"
+        and stats["descriptor"].startswith("timm:resnet10t")
+    )
+
+    code, out = cli("duplicates", "--db", db, "--threshold", "-1", "--json")
+    groups = json.loads(out)["groups"]
+    assert code == 0 and len(groups) == 1 and len(groups[0]) == 10  # everything is "similar" at -1
+    code, out = cli("duplicates", "--db", db, "--threshold", "1.0")
+    assert code == 0 and "no duplicates" in out
+
+
+def test_cli_errors_are_messages_not_tracebacks(
+    tmp_path: Path, image_dir: Path, tiny_file: Path
+) -> None:
+    code, out = cli("search", image_dir / "img_00.jpg", "--db", tmp_path / "none")
+    assert code == 1 and "no index" in out and "Traceback" not in out
+    code, out = cli("stats", "--db", tmp_path / "none")
+    assert code == 1 and "no index" in out
+    db = tmp_path / "db"
+    assert cli("index", image_dir, "--db", db, "--model", tiny_file, "-j", "0", "-q")[0] == 0
+    code, out = cli(
+        "index", image_dir, "--db", db, "--model", tiny_file, "--image-size", "48", "-j", "0", "-q"
+    )
+    assert code == 1 and "incomparable" in out and "Traceback" not in out
+    code, out = cli("search", tmp_path / "missing.jpg", "--db", db)
+    assert code == 1 and "neither an indexed path nor an image file" in out
+    code, out = cli(
+        "index",
+        image_dir,
+        "--db",
+        tmp_path / "ivf",
+        "--model",
+        tiny_file,
+        "--index",
+        "IVF256,PQ8",
+        "-q",
+    )
+    assert code == 1 and "needs at least 256" in out
+
+
+def _committed(db: Path) -> int:
+    path = db / "catalog.sqlite"
+    if not path.exists():
+        return 0
+    try:
+        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=1)
+        try:
+            return int(con.execute("SELECT COUNT(*) FROM images").fetchone()[0])
+        finally:
+            con.close()
+    except sqlite3.Error:  # created but schema not there yet
+        return 0
+
+
+@pytest.mark.slow
+def test_kill_9_during_index_then_rerun_resumes(tmp_path: Path, tiny_file: Path) -> None:
+    n = 60
+    images = tmp_path / "images"
+    for i in range(n):
+        make_image(images / f"{i:03d}.jpg", seed=3000 + i, size=(160, 120))
+    db = tmp_path / "db"
+    cmd = [sys.executable, "-m", "cbir.cli.main", "index", str(images), "--db", str(db)]
+    opts = ["--model", str(tiny_file), "-j", "0", "-b", "2", "-q", "--json"]
+    env = {**os.environ, "TQDM_DISABLE": "1"}
+    proc = subprocess.Popen(cmd + opts, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 300
+        while _committed(db) < 4 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert proc.poll() is None, "the indexer finished before it could be killed"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    committed = _committed(db)  # read after death: nothing more can land
+    assert 0 < committed < n
+
+    rerun = subprocess.run(cmd + opts, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    report = json.loads(rerun.stdout)
+    assert report["extracted"] == n - committed  # finished work is not redone
+    assert report["unchanged"] == committed and report["images"] == n
+    with Index.open(db, readonly=True) as idx:
+        stats = idx.stats()
+        assert stats["images"] == stats["faiss_vectors"] == n and stats["failures"] == 0
+        for p in sorted(images.iterdir()):
+            assert idx.search(str(p), k=1)[0].path == str(p)
