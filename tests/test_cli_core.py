@@ -108,6 +108,7 @@ def test_extract_several_inputs_and_single_files(
         (["extract", "{images}", "--out", "{out}", "--whiten", "{junk}"], "not a readable"),
         (["extract", "{images}", "--out", "{out}", "--whiten", "{missing}"], "missing"),
         (["extract", "{images}", "--out", "{out}", "--model", "{junk}"], "not a readable"),
+        (["extract", "{images}", "--out", "{out}", "--crop", "999"], "crop must be"),
     ],
 )
 def test_extract_errors_are_messages(

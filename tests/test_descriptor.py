@@ -309,6 +309,8 @@ def test_preprocess_geometry_and_overrides() -> None:
     assert Preprocess.from_dict(crop.to_dict()) == crop
     with pytest.raises(ValueError, match="resize"):
         Preprocess(resize="stretch")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="crop must be"):
+        crop.override(crop=300)  # larger than the short side: it would pad with black
     img = Image.new("RGB", (640, 480), (255, 0, 0))
     x = crop(img)
     assert x.shape == (1, 3, 224, 224)

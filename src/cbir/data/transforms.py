@@ -54,6 +54,9 @@ class Preprocess:
             raise ValueError(f"interpolation must be one of {sorted(_INTERPOLATIONS)}")
         if self.size < 1:
             raise ValueError("size must be positive")
+        if self.crop is not None and not 1 <= self.crop <= self.size:
+            # a crop larger than the short side would pad the image with black borders
+            raise ValueError(f"crop must be between 1 and size ({self.size}), got {self.crop}")
 
     # -- geometry ---------------------------------------------------------------------
     def resized_size(self, width: int, height: int) -> tuple[int, int]:

@@ -32,7 +32,7 @@ def similarity_blocks(
     database = np.ascontiguousarray(database, dtype=np.float32)
     if queries.ndim != 2 or database.ndim != 2 or queries.shape[1] != database.shape[1]:
         raise ValueError(f"incompatible shapes {queries.shape} and {database.shape}")
-    rows = rows or block_rows(len(database))
+    rows = rows or block_rows(len(database), itemsize=8)  # the block is float64 first
     # float32 BLAS results depend on the block's shape (gemv for one row, syrk for A @ A.T)
     # and on a column's position, so duplicate vectors would not tie and blocks would not
     # match a full sort; float64 products are exact and the rounding to float32 erases the
