@@ -372,3 +372,30 @@ def test_extraction_over_bad_folder_in_workers(bad_folder: Path, tiny_descriptor
     res0 = extract(tiny_descriptor, paths, workers=0, batch_size=4, progress=False)
     np.testing.assert_allclose(res.features, res0.features, atol=1e-5)
     assert float(row["rotated6.jpg"] @ row["upright6.png"]) > 0.999
+
+
+# ---------------------------------------------------------------------------------------
+# listing folders: symbolic links
+# ---------------------------------------------------------------------------------------
+def test_list_images_follows_links_inside_only_and_survives_loops(tmp_path: Path) -> None:
+    from cbir.data.datasets import list_images
+
+    root = tmp_path / "root"
+    for rel in ("a.jpg", "real/b.png", "real/deep/c.jpg"):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (2, 2)).save(root / rel)
+    (root / "notes.txt").write_text("not an image")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    Image.new("RGB", (2, 2)).save(outside / "secret.jpg")
+    (root / "alias").symlink_to(root / "real")  # a second name for a folder inside
+    (root / "real" / "deep" / "loop").symlink_to(root)  # a cycle
+    (root / "escape").symlink_to(outside)  # a folder outside
+    (root / "secret.jpg").symlink_to(outside / "secret.jpg")  # a file outside
+    (root / "inside.jpg").symlink_to(root / "a.jpg")  # a file inside: kept
+    listed = [p.relative_to(root).as_posix() for p in list_images(root)]
+    assert listed == ["a.jpg", "inside.jpg", "real/b.png", "real/deep/c.jpg"]
+    assert [p.name for p in list_images(root, recursive=False)] == ["a.jpg", "inside.jpg"]
+    assert list_images(root / "a.jpg") == [root / "a.jpg"]
+    with pytest.raises(FileNotFoundError, match="no such folder"):
+        list_images(tmp_path / "missing")

@@ -26,17 +26,19 @@ def list_images(root: str | os.PathLike, *, recursive: bool = True) -> list[Path
         raise FileNotFoundError(f"no such folder: {root}")
     real_root = root.resolve()
     found: list[Path] = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
-        dirnames.sort()
-        # follow symlinked folders only when they stay inside the tree
-        for d in list(dirnames):
-            p = Path(dirpath) / d
-            if p.is_symlink():
-                dirnames.remove(d)
-                if _inside(p, real_root):
-                    found.extend(q for q in list_images(p.resolve()) if _inside(q, real_root))
+    visited: set[Path] = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        here = Path(dirpath)
+        real_here = here.resolve()
+        if real_here in visited or not _inside(here, real_root):
+            # a symlink loop, a second name for a folder already listed, or outside root
+            dirnames[:] = []
+            continue
+        visited.add(real_here)
+        # real folders before symlinked ones, so a folder is listed under its own name
+        dirnames.sort(key=lambda d: (os.path.islink(os.path.join(dirpath, d)), d))
         for name in sorted(filenames):
-            p = Path(dirpath) / name
+            p = here / name
             if not is_image_path(p):
                 continue
             if p.is_symlink() and not _inside(p, real_root):
