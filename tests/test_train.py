@@ -30,11 +30,20 @@ from cbir.train import (
 )
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The tiny model is too small for intra-op threads to pay off on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def tiny_model_file(tmp_path_factory) -> Path:
     """The tiny random-weight descriptor as a file: training starts from it offline."""
     torch.manual_seed(0)
-    desc = build_descriptor("timm:resnet10t", pretrained=False, pooling="gem", image_size=48)
+    desc = build_descriptor("timm:resnet10t", pretrained=False, pooling="gem", image_size=32)
     path = tmp_path_factory.mktemp("model") / "tiny.cbir"
     desc.save(path)
     return path
@@ -43,7 +52,7 @@ def tiny_model_file(tmp_path_factory) -> Path:
 def make_classes(root: Path, n_classes: int = 5, per_class: int = 4) -> Path:
     for c in range(n_classes):
         for i in range(per_class):
-            make_image(root / f"class{c}" / f"{i}.jpg", seed=100 * c + i, size=(56, 48))
+            make_image(root / f"class{c}" / f"{i}.jpg", seed=100 * c + i, size=(40, 32))
     return root
 
 
