@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         "--baseline-json",
         type=Path,
         default=None,
-        help="reuse the off-the-shelf scores from 'cbir bench gpr1200 --json' of the same descriptor",
+        help="reuse off-the-shelf scores ('cbir bench gpr1200 --json' of the same descriptor)",
     )
     ap.add_argument("--out", type=Path, default=ROOT / "bench/results/finetuned-lite0.cbir")
     ap.add_argument("--json", type=Path, default=ROOT / "bench/results/finetune.json")
@@ -115,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
         base = json.loads(args.baseline_json.read_text())
         if base.get("descriptor") != base_desc.describe_name():
             raise SystemExit(
-                f"{args.baseline_json} is for {base.get('descriptor')}, not {base_desc.describe_name()}"
+                f"{args.baseline_json} is for {base.get('descriptor')}, "
+                f"not {base_desc.describe_name()}"
             )
         skip = ("files", "descriptor", "seconds", "images", "images_per_second")
         base_scores = {k: v for k, v in base.items() if k not in skip}
@@ -131,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {name} | " + " | ".join(f"{100 * s[c]:.2f}" for c in cols) + " |")
     gain = 100 * (tuned_scores["mAP"] - base_scores["mAP"])
     print(
-        f"\ngain: {gain:+.2f} mAP points; training {train_min:.1f} min, {result.history[-1].epoch} epochs, "
+        f"\ngain: {gain:+.2f} mAP points; training {train_min:.1f} min, "
+        f"{result.history[-1].epoch} epochs, "
         f"kept epoch {result.best_epoch}, stopped by time limit: {result.stopped_early}"
     )
     report = {
