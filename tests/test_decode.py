@@ -354,9 +354,10 @@ def check_bad_folder_result(res, paths: list[Path], dim: int) -> dict[str, np.nd
 
 
 @pytest.mark.slow
-def test_extraction_over_bad_folder_lite0(bad_folder: Path, lite0_descriptor) -> None:
+@pytest.mark.parametrize("workers", [0, 2])
+def test_extraction_over_bad_folder_lite0(bad_folder: Path, lite0_descriptor, workers: int) -> None:
     paths = sorted(bad_folder.iterdir())
-    res = extract(lite0_descriptor, paths, workers=0, batch_size=8, progress=False)
+    res = extract(lite0_descriptor, paths, workers=workers, batch_size=8, progress=False)
     row = check_bad_folder_result(res, paths, lite0_descriptor.dim)
     for o in (6, 8):
         assert float(row[f"rotated{o}.jpg"] @ row[f"upright{o}.png"]) > 0.999
