@@ -33,7 +33,7 @@ if ! $SUDO apt-get update -qq; then
     echo "install_browser: apt-get update failed; the browser test will be skipped"
     exit 0
 fi
-if ! $SUDO apt-get install -y -qq --no-install-recommends chromium; then
+if ! $SUDO apt-get install -y -qq --no-install-recommends chromium fonts-dejavu-core; then
     echo "install_browser: installing chromium failed; the browser test will be skipped"
     exit 0
 fi
