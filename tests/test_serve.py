@@ -299,6 +299,39 @@ def test_file_outside_the_roots_is_not_served(index: Index, settings: ServeSetti
         link.unlink()
 
 
+def test_file_gone_from_disk_is_404(client: TestClient, index: Index) -> None:
+    extra = make_image(Path(index.roots[0]) / "gone.jpg", seed=66)
+    index.add([extra], progress=False, workers=0)
+    image_id = next(h.id for h in index.search(str(extra), k=20) if h.path == str(extra))
+    try:
+        assert client.get(f"/images/{image_id}").status_code == 200
+        extra.unlink()
+        for endpoint in ("images", "thumbnails"):
+            r = client.get(f"/{endpoint}/{image_id}")
+            assert r.status_code == 404 and _error(r)["code"] == "image_missing"
+    finally:
+        index.remove([image_id])
+
+
+def test_thumbnail_cache_is_bounded_and_follows_file_changes(tmp_path: Path) -> None:
+    from cbir.serve.thumbnails import ThumbnailCache
+
+    files = [make_image(tmp_path / f"t{i}.png", seed=i, size=(300, 200)) for i in range(4)]
+    one = ThumbnailCache(size=64).get(0, files[0])
+    cache = ThumbnailCache(size=64, max_bytes=int(len(one.data) * 2.5))
+    for i, f in enumerate(files):
+        thumb = cache.get(i, f)
+        assert max(Image.open(io.BytesIO(thumb.data)).size) == 64
+    stats = cache.stats()
+    assert stats["bytes"] <= cache.max_bytes and stats["items"] < len(files)
+    assert cache.get(3, files[3]) is cache.get(3, files[3])  # most recent: still cached
+    before = cache.get(3, files[3])
+    make_image(files[3], seed=99, size=(300, 200))  # the file changes on disk
+    os.utime(files[3], ns=(time.time_ns() + 10**9,) * 2)
+    after = cache.get(3, files[3])
+    assert after.etag != before.etag and after.data != before.data
+
+
 # -- write endpoints ----------------------------------------------------------------------------
 def test_add_search_and_remove(client: TestClient, index: Index, settings: ServeSettings) -> None:
     before = len(index)
