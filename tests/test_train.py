@@ -204,6 +204,17 @@ def test_freeze_bn_keeps_running_statistics(tiny_model_file: Path, class_dir: Pa
     assert not bn.training
 
 
+def test_freeze_keeps_the_leading_weights_fixed(tiny_model_file: Path, class_dir: Path) -> None:
+    data = load_train_data([class_dir])
+    trainer = Trainer(tiny_config(tiny_model_file, freeze=0.5), data, progress=False)
+    params = list(trainer.desc.backbone.parameters())
+    first, last = params[0].detach().clone(), params[-1].detach().clone()
+    assert not params[0].requires_grad and params[-1].requires_grad
+    trainer.train_epoch(trainer.mine(1), 1)
+    assert torch.equal(params[0], first)
+    assert not torch.equal(params[-1], last)
+
+
 def test_loss_falls_over_a_few_steps(tiny_model_file: Path, class_dir: Path) -> None:
     data = load_train_data([class_dir])
     trainer = Trainer(
