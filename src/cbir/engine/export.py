@@ -187,12 +187,41 @@ class ExportInfo:
 
 
 def _example_shapes(descriptor: Descriptor) -> list[tuple[int, int, int]]:
-    """(batch, H, W) to trace with, then to check: a second aspect where sizes can vary."""
+    """(batch, H, W) to trace with (the first), then to check with.
+
+    Where the resize policy keeps the aspect ratio, the checks sweep aspect ratios in
+    both orientations, with odd sides, so the *feature map's* size changes too: a graph
+    that froze a size computed from it (like R-MAC's regions) is only caught then.
+    Duplicates are dropped, so fixed-size policies check one size at two batch sizes.
+    """
     pre = descriptor.preprocess
-    w0, h0 = pre.output_size(400, 300)  # landscape
-    w1, h1 = pre.output_size(301, 419)  # portrait, odd sizes
-    shapes = [(2, h0, w0), (3, h1, w1)]
+    sources = [(1000, 751), (1000, 1000)]
+    for ratio in (0.75, 0.5, 0.3, 0.15):
+        short = round(1000 * ratio) + 1
+        sources += [(short, 1000), (1000, short)]
+    shapes: list[tuple[int, int, int]] = []
+    seen: set[tuple[int, int]] = set()
+    for k, (w, h) in enumerate(sources):
+        ow, oh = pre.output_size(w, h)
+        if (oh, ow) not in seen or k == 1:
+            seen.add((oh, ow))
+            shapes.append((2 if k == 0 else 1 + k % 3, oh, ow))
     return shapes
+
+
+def _example_images(rng: np.random.Generator, b: int, h: int, w: int) -> np.ndarray:
+    """Images with structure (coloured blobs on noise), not plain noise: on noise every
+    region of a feature map looks alike, and a graph that pools the wrong regions would
+    still agree with torch."""
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    out = rng.normal(0, 10, size=(b, h, w, 3)).astype(np.float32) + 40
+    for k in range(b):
+        for _ in range(4):
+            cy, cx = rng.uniform(0, h), rng.uniform(0, w)
+            r = rng.uniform(2, max(h, w) / 3)
+            blob = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * r * r))
+            out[k] += blob[..., None] * rng.uniform(0, 215, 3).astype(np.float32)
+    return np.clip(out, 0, 255).astype(np.uint8)
 
 
 def _torch_reference(graph: ExportGraph, images: np.ndarray) -> np.ndarray:
@@ -224,7 +253,7 @@ def export_onnx(descriptor: Descriptor, path: str | os.PathLike) -> ExportInfo:
     graph = ExportGraph(descriptor, kind).eval()
     shapes = _example_shapes(descriptor)
     rng = np.random.default_rng(0)
-    examples = [rng.integers(0, 256, size=(b, h, w, 3), dtype=np.uint8) for b, h, w in shapes]
+    examples = [_example_images(rng, b, h, w) for b, h, w in shapes]
     n_out = 1 if kind == "descriptor" else len(descriptor.scales)
     outputs = ["descriptors"] if kind == "descriptor" else [f"features{i}" for i in range(n_out)]
     axes: dict[str, dict[int, str]] = {"images": {0: "batch", 1: "height", 2: "width"}}
