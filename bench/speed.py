@@ -1,0 +1,220 @@
+"""Extraction speed on CPU and evaluation at scale (issue 6).
+
+Part 1, end-to-end images/s on gpr-mini (EfficientNet-Lite0, GeM, 224 squash, batches
+of 32), every method measured in the same run, round-robin, ``--repeats`` times; the
+medians and their ratios to the naive loop are reported:
+
+- ``naive``: one process: Pillow open + convert + resize, torch eager, batches of 32;
+- ``torch``: :func:`cbir.extract.extract` with ``engine="torch"`` (decode workers);
+- ``onnx``: the same with ``engine="onnx"`` (ONNX Runtime; the export is cached first);
+- ``onnx model only``: ONNX Runtime on pre-decoded uint8 batches: the ceiling.
+
+Part 2, the GPR1200 protocol on synthetic clustered descriptors (10 per class, D dims):
+the blockwise evaluation vs the full-argsort reference at N = 12,000 (same APs
+required), and the blockwise one alone at N = 100,000; each in a fresh process whose
+peak resident memory (ru_maxrss) is reported.
+
+Usage (from the project root; prefix ``nice -n 5`` on a shared machine):
+    .venv/bin/python bench/speed.py [--gpr ../shared/datasets/gpr-mini] [--limit 1024]
+        [--repeats 3] [--workers N] [--skip-extract] [--skip-eval] [--eval-sizes 12000,100000]
+Writes bench/results/speed.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ----------------------------------------------------------------------------------------
+# part 1: extraction
+# ----------------------------------------------------------------------------------------
+def naive_loop(desc, files: list[Path], batch_size: int = 32) -> np.ndarray:
+    """The baseline of the issue: decode, resize and run the model one batch at a time."""
+    import torch
+    from PIL import Image
+
+    out = []
+    with torch.inference_mode():
+        for start in range(0, len(files), batch_size):
+            arrays = []
+            for f in files[start : start + batch_size]:
+                with Image.open(f) as im:
+                    arrays.append(desc.preprocess.to_array(im.convert("RGB")))
+            x = desc.preprocess.normalize(torch.from_numpy(np.stack(arrays)))
+            out.append(desc(x).numpy())
+    return np.concatenate(out)
+
+
+def bench_extract(args: argparse.Namespace) -> dict:
+    from cbir.data.datasets import load_gpr_collection
+    from cbir.engine import onnx_runner
+    from cbir.extract import decoded_batches, default_workers, extract
+    from cbir.models import build_descriptor
+
+    files = load_gpr_collection(args.gpr).files
+    if args.limit and args.limit < len(files):
+        files = files[:: max(1, len(files) // args.limit)][: args.limit]
+    desc = build_descriptor()  # efficientnet-lite0, GeM, 224 squash
+    workers = default_workers() if args.workers is None else args.workers
+    run_onnx = onnx_runner(desc)  # exports once (cached), outside the timings
+    stream = decoded_batches(files, desc.preprocess, batch_size=32, workers=0)
+    predecoded = [a for _, a, _ in stream]
+
+    def t_naive() -> float:
+        t = time.perf_counter()
+        naive_loop(desc, files)
+        return time.perf_counter() - t
+
+    def t_engine(engine: str) -> float:
+        res = extract(desc, files, engine=engine, workers=workers, progress=False)
+        assert not res.failures
+        return res.seconds
+
+    def t_ceiling() -> float:
+        t = time.perf_counter()
+        for batch in predecoded:
+            run_onnx(batch)
+        return time.perf_counter() - t
+
+    methods = {"naive": t_naive, "torch": lambda: t_engine("torch"),
+               "onnx": lambda: t_engine("onnx"), "onnx model only": t_ceiling}
+    times: dict[str, list[float]] = {m: [] for m in methods}
+    for rep in range(args.repeats):  # round-robin: load changes hit every method alike
+        for name, fn in methods.items():
+            times[name].append(fn())
+            rate = len(files) / times[name][-1]
+            print(f"  repeat {rep + 1}: {name:16s} {rate:8.1f} img/s", flush=True)
+    rates = {m: [len(files) / t for t in ts] for m, ts in times.items()}
+    med = {m: statistics.median(r) for m, r in rates.items()}
+    out = {
+        "images": len(files), "workers": workers, "repeats": args.repeats,
+        "images_per_second": rates, "median_images_per_second": med,
+        "ratio_to_naive": {m: med[m] / med["naive"] for m in med},
+        "onnx_fraction_of_ceiling": med["onnx"] / med["onnx model only"],
+    }
+    print(f"\nend to end on {len(files)} gpr-mini images, medians of {args.repeats}:")
+    print(f"{'method':18s} {'img/s':>8s} {'x naive':>8s}")
+    for m in methods:
+        print(f"{m:18s} {med[m]:8.1f} {out['ratio_to_naive'][m]:8.2f}")
+    print(f"onnx end to end = {out['onnx_fraction_of_ceiling']:.0%} of the model-only ceiling")
+    return out
+
+
+# ----------------------------------------------------------------------------------------
+# part 2: evaluation at scale
+# ----------------------------------------------------------------------------------------
+def clustered(n: int, dim: int, per_class: int = 10, noise: float = 0.14, seed: int = 0):
+    """Unit vectors around random class centres; the noise puts mAP near 0.5 at N = 12,000."""
+    rng = np.random.default_rng(seed)
+    classes = n // per_class
+    centres = rng.normal(size=(classes, dim)).astype(np.float32)
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    labels = np.repeat(np.arange(classes), per_class)
+    x = centres[labels] + rng.normal(scale=noise, size=(n, dim)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x.astype(np.float32), labels
+
+
+def eval_child(n: int, dim: int, method: str) -> None:
+    """Runs in a fresh process: one evaluation, prints a JSON line."""
+    from cbir.eval import gpr_average_precisions, gpr_average_precisions_full_sort
+
+    x, labels = clustered(n, dim)
+    t = time.perf_counter()
+    if method == "full":
+        aps = gpr_average_precisions_full_sort(x, labels)
+    else:
+        aps = gpr_average_precisions(x, labels)
+    seconds = time.perf_counter() - t
+    np.save(os.environ["CBIR_BENCH_APS"], aps)
+    print(json.dumps({"seconds": seconds, "mAP": float(aps.mean())}))
+
+
+def run_child(n: int, dim: int, method: str, aps_path: Path) -> dict:
+    env = dict(os.environ, CBIR_BENCH_APS=str(aps_path))
+    cmd = [sys.executable, __file__, "--_eval", f"{n},{dim},{method}"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
+    stdout = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{method} evaluation at N={n} failed (exit {proc.returncode})")
+    res = json.loads(stdout.strip().splitlines()[-1])
+    res["peak_rss_mib"] = usage.ru_maxrss / 1024  # Linux reports KiB
+    return res
+
+
+def bench_eval(args: argparse.Namespace) -> dict:
+    out = {}
+    tmp = ROOT / "bench/results"
+    tmp.mkdir(parents=True, exist_ok=True)
+    for n in (int(v) for v in args.eval_sizes.split(",")):
+        row = {}
+        methods = ["blockwise", "full"] if n <= args.full_max else ["blockwise"]
+        for m in methods:
+            row[m] = run_child(n, args.dim, m, tmp / f"aps_{n}_{m}.npy")
+            r = row[m]
+            print(f"  N={n:7d} {m:9s} {r['seconds']:8.1f} s  peak {r['peak_rss_mib']:7.0f} MiB"
+                  f"  mAP {r['mAP']:.6f}", flush=True)
+        if "full" in row:
+            a, b = np.load(tmp / f"aps_{n}_blockwise.npy"), np.load(tmp / f"aps_{n}_full.npy")
+            row["identical_aps"] = bool(np.array_equal(a, b))
+            row["speedup"] = row["full"]["seconds"] / row["blockwise"]["seconds"]
+            print(f"  N={n}: APs identical: {row['identical_aps']}, "
+                  f"blockwise {row['speedup']:.1f}x faster")
+        for m in methods:
+            (tmp / f"aps_{n}_{m}.npy").unlink(missing_ok=True)
+        out[str(n)] = row
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--gpr", default=str(ROOT.parent / "shared/datasets/gpr-mini"))
+    ap.add_argument("--limit", type=int, default=1024, help="images spread over gpr-mini; 0: all")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--workers", type=int, default=None, help="decode workers (default: cores - 1)")
+    ap.add_argument("--eval-sizes", default="12000,100000")
+    ap.add_argument("--full-max", type=int, default=12000, help="largest N for the full sort")
+    ap.add_argument("--dim", type=int, default=128)
+    ap.add_argument("--skip-extract", action="store_true")
+    ap.add_argument("--skip-eval", action="store_true")
+    ap.add_argument("--out", default=str(ROOT / "bench/results/speed.json"))
+    ap.add_argument("--_eval", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args._eval:
+        n, dim, method = args._eval.split(",")
+        eval_child(int(n), int(dim), method)
+        return
+    result: dict = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "load_average_at_start": os.getloadavg(),
+        "command": " ".join(sys.argv),
+    }
+    if not args.skip_extract:
+        result["extraction"] = bench_extract(args)
+    if not args.skip_eval:
+        result["evaluation"] = bench_eval(args)
+    result["load_average_at_end"] = os.getloadavg()
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    print(f"-> {args.out}")
+
+
+if __name__ == "__main__":
+    main()
