@@ -141,11 +141,13 @@ def test_add_and_remove(index: Index, image_dir: Path, tmp_path: Path) -> None:
     assert index.remove([index.lookup(image_dir / "img_00.jpg").id]) == 1
     assert index.remove([image_dir / "sub"]) == 2  # a folder removes what is under it
     assert index.remove(["/no/such/file.jpg"]) == 0
+    assert index.roots == [str(image_dir)]
     assert index.stats()["images"] == 9
     left = {h.path for h in index.search(str(image_dir / "img_05.jpg"), k=50)}
     assert len(left) == 9 and str(image_dir / "img_00.jpg") not in left
     # a sync brings removed files under its roots back
     assert index.sync([image_dir], **SYNC).added == 3
+    assert index.remove(image_dir) == 12 and index.roots == []
 
 
 def test_exact_search_equals_brute_force(index: Index) -> None:

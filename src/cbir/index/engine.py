@@ -160,6 +160,7 @@ class Index:
         self._faiss: faiss.Index | None = None
         self._faiss_generation = -1
         self._trained = False
+        self._needs_rebuild = False  # set when an index type could not apply a change in place
         self._closed = False
 
     # -- opening -------------------------------------------------------------------------------
@@ -567,8 +568,8 @@ class Index:
     def remove(
         self, paths_or_ids: Iterable[str | os.PathLike | int] | str | os.PathLike | int
     ) -> int:
-        """Remove files (by path; a folder removes everything under it) or catalogue ids.
-        Returns how many records were removed."""
+        """Remove files (by path; a folder removes everything under it, and stops being a
+        synced root) or catalogue ids. Returns how many records were removed."""
         if isinstance(paths_or_ids, (str, os.PathLike, int, np.integer)):
             paths_or_ids = [paths_or_ids]
         with self._mutating():
@@ -578,6 +579,9 @@ class Index:
                     ids.add(int(item))
                     continue
                 p = _abspath(item)
+                if p in self.roots:
+                    with self.catalog.write() as con:
+                        con.execute("DELETE FROM roots WHERE path = ?", (p,))
                 rows = self.catalog.con.execute(
                     "SELECT id FROM images WHERE path = ? OR path LIKE ? ESCAPE '\\'",
                     (p, _like_prefix(p.rstrip(os.sep) + os.sep)),
@@ -837,7 +841,7 @@ class Index:
             self._refresh_dba()
         elif (
             not self._trained
-            or getattr(self, "_needs_rebuild", False)
+            or self._needs_rebuild
             or self._faiss_generation != gen
         ):
             self._rebuild(save=True, strict=True)
