@@ -170,3 +170,14 @@ def test_gpr_mini_images_agree(onnx_cache: Path) -> None:
     b = extract(desc, files, engine="torch", progress=False)
     assert not a.failures and a.paths == b.paths
     assert _min_cos(a.features, b.features) >= 0.9999
+
+
+def test_damaged_cache_file_falls_back_with_a_message(
+    onnx_cache: Path, capsys: pytest.CaptureFixture
+) -> None:
+    desc = _tiny("spoc", scales=[1.0, 0.7071, 0.5])
+    path, _ = cached_model(desc, verbose=False)
+    path.write_bytes(b"not an onnx model")
+    run = make_runner(desc, "onnx", verbose=False)
+    err = capsys.readouterr().err
+    assert run.engine == "torch" and "delete it to re-export" in err and str(path) in err

@@ -94,7 +94,10 @@ def onnx_runner(
     workers run beside them because ORT threads sleep instead of spinning while idle).
     """
     path, _info = cached_model(descriptor, cache_dir, verbose=verbose)
-    session = make_session(path, threads=threads, spinning=spinning)
+    try:
+        session = make_session(path, threads=threads, spinning=spinning)
+    except Exception as exc:  # a damaged cache file: say which one to delete
+        raise EngineUnavailable(f"cannot load {path} ({exc}); delete it to re-export") from exc
     descriptor.eval()
 
     def run(batch: np.ndarray) -> np.ndarray:
