@@ -434,8 +434,11 @@ class Index:
     def _save_cache(self) -> None:
         with self._rw.read():
             index, gen, trained = self._faiss, self._faiss_generation, self._trained
-        if index is not None and trained and gen == self.catalog.generation:
-            vec.save_cache(index, self.folder, gen)
+        if index is None or not trained or gen != self.catalog.generation:
+            return
+        if vec.cache_path(self.folder, gen).is_file():
+            return  # nothing changed since it was written (e.g. a sync that found no change)
+        vec.save_cache(index, self.folder, gen)
 
     def refresh(self) -> bool:
         """Pick up changes another process committed (e.g. ``cbir index`` while a server
@@ -993,13 +996,17 @@ class Index:
         :func:`cbir.index.duplicates.group_duplicates` for the order inside a group."""
         if not -1.0 <= threshold <= 1.0:
             raise IndexError_("threshold is a cosine similarity: between -1 and 1 (e.g. 0.95)")
-        with self._rw.read():
+        with self._rw.read():  # one consistent snapshot (a single SELECT)
             ids, vectors = self.catalog.all_vectors(dim=self.dim)
-            groups = group_duplicates(vectors, threshold)
+        groups = group_duplicates(vectors, threshold)  # O(n^2): outside the lock
+        with self._rw.read():
             paths = self.catalog.paths_for([int(ids[r]) for g in groups for r, _ in g])
-        return [
-            [Hit(id=int(ids[r]), path=paths[int(ids[r])], score=s) for r, s in g] for g in groups
-        ]
+        out = []
+        for g in groups:  # a file removed meanwhile is left out
+            hits = [Hit(int(ids[r]), paths[int(ids[r])], s) for r, s in g if int(ids[r]) in paths]
+            if len(hits) > 1:
+                out.append(hits)
+        return out
 
 
 def _l2n(x: np.ndarray) -> np.ndarray:
