@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -72,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="reuse off-the-shelf scores ('cbir bench gpr1200 --json' of the same descriptor)",
     )
+    ap.add_argument("--resume", type=Path, default=None, help="continue from a checkpoint")
     ap.add_argument("--out", type=Path, default=ROOT / "bench/results/finetuned-lite0.cbir")
     ap.add_argument("--json", type=Path, default=ROOT / "bench/results/finetune.json")
     args = ap.parse_args(argv)
@@ -98,7 +98,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     data = load_train_data(args.train)
     print(f"training on {len(data)} images of {len(data.classes)} classes: {config}", flush=True)
-    t0 = time.perf_counter()
     result = train(
         config,
         data,
@@ -106,8 +105,9 @@ def main(argv: list[str] | None = None) -> int:
         checkpoint_dir=args.out.with_suffix(".ckpt"),
         progress=sys.stderr.isatty(),
         log=lambda m: print(m, flush=True),
+        resume=args.resume,
     )
-    train_min = (time.perf_counter() - t0) / 60
+    train_min = result.seconds / 60  # all epochs, those before a resume included
 
     opts = {"workers": args.workers, "progress": sys.stderr.isatty()}
     base_desc = build_descriptor(args.model)
