@@ -192,7 +192,6 @@ def rmac_whiten_cmd(
     resize: ResizeOpt = None,
     crop: CropOpt = None,
     token: TokenOpt = "patch",
-    engine: EngineOpt = DEFAULT_ENGINE,
     batch_size: BatchOpt = 32,
     workers: WorkersOpt = None,
     max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS,
@@ -201,9 +200,9 @@ def rmac_whiten_cmd(
     """Learn R-MAC's region-wise PCA-whitening (Gordo et al. 2016) into a descriptor file.
 
     Use the file as ``--model`` anywhere; it carries backbone, R-MAC and the whitening.
+    Region vectors are computed with PyTorch (the fit needs every region, not the pooled
+    vector an inference engine returns).
     """
-    if engine != "torch":
-        raise typer.BadParameter("region whitening is learned with the torch engine")
     if not os.path.isfile(model):
         resize = resize or "keep"
         image_size = image_size or DEFAULT_INSTANCE_SIZE
@@ -214,7 +213,7 @@ def rmac_whiten_cmd(
     try:
         w = learn_region_whitening(
             data, desc, dim=dim, power=power, max_images=max_images, seed=seed,
-            **extract_options(engine, batch_size, workers, max_pixels, quiet),
+            **extract_options("torch", batch_size, workers, max_pixels, quiet),
         )  # fmt: skip
     except (ValueError, FileNotFoundError) as exc:
         raise typer.BadParameter(str(exc)) from exc
