@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -55,6 +56,14 @@ def naive_loop(desc, files: list[Path], batch_size: int = 32) -> np.ndarray:
             x = desc.preprocess.normalize(torch.from_numpy(np.stack(arrays)))
             out.append(desc(x).numpy())
     return np.concatenate(out)
+
+
+def _cpu_seconds() -> dict[str, float]:
+    """User and system CPU time of this process and its finished children (the decode
+    workers): system time is where thread oversubscription shows."""
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return {"user": me.ru_utime + kids.ru_utime, "sys": me.ru_stime + kids.ru_stime}
 
 
 def bench_extract(args: argparse.Namespace) -> dict:
@@ -91,17 +100,24 @@ def bench_extract(args: argparse.Namespace) -> dict:
     methods = {"naive": t_naive, "torch": lambda: t_engine("torch"),
                "onnx": lambda: t_engine("onnx"), "onnx model only": t_ceiling}
     times: dict[str, list[float]] = {m: [] for m in methods}
+    cpu: dict[str, list[dict[str, float]]] = {m: [] for m in methods}
     for rep in range(args.repeats):  # round-robin: load changes hit every method alike
         for name, fn in methods.items():
+            before = _cpu_seconds()
             times[name].append(fn())
+            after = _cpu_seconds()
+            used = {k: after[k] - before[k] for k in after}
+            cpu[name].append(used)
             rate = len(files) / times[name][-1]
-            print(f"  repeat {rep + 1}: {name:16s} {rate:8.1f} img/s", flush=True)
+            print(f"  repeat {rep + 1}: {name:16s} {rate:8.1f} img/s   "
+                  f"cpu user {used['user']:6.1f} s  sys {used['sys']:5.1f} s", flush=True)
     rates = {m: [len(files) / t for t in ts] for m, ts in times.items()}
     med = {m: statistics.median(r) for m, r in rates.items()}
     out = {
         "images": len(files), "workers": workers, "repeats": args.repeats,
         "images_per_second": rates, "median_images_per_second": med,
         "ratio_to_naive": {m: med[m] / med["naive"] for m in med},
+        "cpu_seconds": cpu,
         "onnx_fraction_of_ceiling": med["onnx"] / med["onnx model only"],
     }
     print(f"\nend to end on {len(files)} gpr-mini images, medians of {args.repeats}:")
