@@ -55,6 +55,11 @@ def make_index(dim: int, factory: str) -> faiss.Index:
     ivf = faiss.try_extract_index_ivf(index)
     if ivf is not None:
         ivf.nprobe = min(DEFAULT_NPROBE, ivf.nlist)
+    for part in (index, ivf):
+        # the factory turns on polysemous training for PQ codes: an annealing step that
+        # takes minutes at our dimension and only serves Hamming pre-filtering (unused)
+        if part is not None and hasattr(part, "do_polysemous_training"):
+            part.do_polysemous_training = False
     hnsw = _hnsw(index)
     if hnsw is not None:
         hnsw.hnsw.efSearch = DEFAULT_EF_SEARCH
