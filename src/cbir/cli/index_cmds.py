@@ -209,7 +209,7 @@ def duplicates_cmd(
             "-t",
             help="Cosine similarity at or above which two images are duplicates.",
         ),
-    ] = 0.95,
+    ] = 0.9,
     json_out: JsonOpt = False,
 ) -> None:
     """Group near-duplicate images (connected groups, largest first)."""
