@@ -66,3 +66,9 @@ def dataset_or_skip(name: str) -> Path:
 
 
 os.environ.setdefault("TQDM_DISABLE", "1")
+
+# ONNX exports made by tests go to a throw-away cache, not the user's ~/.cache.
+if "CBIR_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["CBIR_CACHE_DIR"] = tempfile.mkdtemp(prefix="cbir-test-cache-")

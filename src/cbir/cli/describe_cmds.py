@@ -62,8 +62,15 @@ def extract_cmd(
 ) -> None:
     """Describe every image under INPUTS; write an N x D float32 matrix and its manifest."""
     desc = make_descriptor(
-        model, weights=weights, pooling=pooling, scales=scales, whiten=whiten,
-        image_size=image_size, resize=resize, crop=crop, token=token,
+        model,
+        weights=weights,
+        pooling=pooling,
+        scales=scales,
+        whiten=whiten,
+        image_size=image_size,
+        resize=resize,
+        crop=crop,
+        token=token,
     )
     paths: list[Path] = []
     for p in inputs:
@@ -85,11 +92,17 @@ def extract_cmd(
 
 @app.command("whiten")
 def whiten_cmd(
-    data: Annotated[Path, typer.Argument(help="Images to learn from (class folders for --kind learned). Never the evaluation set.")],
+    data: Annotated[
+        Path, typer.Argument(help="Images to learn from (class folders for --kind learned). Never the evaluation set.")
+    ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Whitening file to write.")],
-    kind: Annotated[str, typer.Option("--kind", help="pca (unsupervised) or learned (Radenovic's Lw, needs class folders).")] = "pca",
+    kind: Annotated[
+        str, typer.Option("--kind", help="pca (unsupervised) or learned (Radenovic's Lw, needs class folders).")
+    ] = "pca",
     dim: Annotated[int | None, typer.Option("--dim", help="Output dimension (default: input dimension).")] = None,
-    power: Annotated[float, typer.Option("--power", help="PCA eigenvalue power: 1 whitens fully, 0 only rotates.")] = 1.0,
+    power: Annotated[
+        float, typer.Option("--power", help="PCA eigenvalue power: 1 whitens fully, 0 only rotates.")
+    ] = 1.0,
     model: ModelOpt = DEFAULT_BACKBONE,
     weights: WeightsOpt = None,
     pooling: PoolingOpt = None,
@@ -106,12 +119,22 @@ def whiten_cmd(
 ) -> None:
     """Learn PCA or supervised whitening on a separate image set, for use with --whiten."""
     desc = make_descriptor(
-        model, weights=weights, pooling=pooling, scales=scales,
-        image_size=image_size, resize=resize, crop=crop, token=token,
+        model,
+        weights=weights,
+        pooling=pooling,
+        scales=scales,
+        image_size=image_size,
+        resize=resize,
+        crop=crop,
+        token=token,
     )
     try:
         w = learn_whitening(
-            data, desc, kind=kind, dim=dim, power=power,
+            data,
+            desc,
+            kind=kind,
+            dim=dim,
+            power=power,
             **extract_options(engine, batch_size, workers, max_pixels, quiet),
         )
     except (ValueError, FileNotFoundError) as exc:
@@ -122,7 +145,9 @@ def whiten_cmd(
 
 @bench_app.command("gpr1200")
 def bench_gpr1200_cmd(
-    root: Annotated[Path, typer.Argument(help="GPR1200-format folder (images, or an images/ folder and subsets.json).")],
+    root: Annotated[
+        Path, typer.Argument(help="GPR1200-format folder (images, or an images/ folder and subsets.json).")
+    ],
     model: ModelOpt = DEFAULT_BACKBONE,
     weights: WeightsOpt = None,
     pooling: PoolingOpt = None,
@@ -137,13 +162,24 @@ def bench_gpr1200_cmd(
     workers: WorkersOpt = None,
     max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS,
     quiet: QuietOpt = False,
-    save_features: Annotated[Path | None, typer.Option("--save-features", help="Save the N x D descriptors (.npy) in 'files' order.")] = None,
-    json_out: Annotated[Path | None, typer.Option("--json", help="Write the scores, speed and file order as JSON.")] = None,
+    save_features: Annotated[
+        Path | None, typer.Option("--save-features", help="Save the N x D descriptors (.npy) in 'files' order.")
+    ] = None,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Write the scores, speed and file order as JSON.")
+    ] = None,
 ) -> None:
     """Score a descriptor with the GPR1200 protocol (Schall et al. 2021)."""
     desc = make_descriptor(
-        model, weights=weights, pooling=pooling, scales=scales, whiten=whiten,
-        image_size=image_size, resize=resize, crop=crop, token=token,
+        model,
+        weights=weights,
+        pooling=pooling,
+        scales=scales,
+        whiten=whiten,
+        image_size=image_size,
+        resize=resize,
+        crop=crop,
+        token=token,
     )
     try:
         bench = run_gpr1200(root, desc, **extract_options(engine, batch_size, workers, max_pixels, quiet))

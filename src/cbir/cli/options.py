@@ -29,12 +29,16 @@ ScalesOpt = Annotated[
 ]
 WhitenOpt = Annotated[Path | None, typer.Option("--whiten", help="Whitening file learned with 'cbir whiten'.")]
 ImageSizeOpt = Annotated[int | None, typer.Option("--image-size", help="Override the input size.")]
-ResizeOpt = Annotated[str | None, typer.Option("--resize", help="keep (max side), crop (short side + centre crop) or squash.")]
+ResizeOpt = Annotated[
+    str | None, typer.Option("--resize", help="keep (max side), crop (short side + centre crop) or squash.")
+]
 CropOpt = Annotated[int | None, typer.Option("--crop", help="Centre-crop size for --resize crop.")]
 TokenOpt = Annotated[str, typer.Option("--token", help="ViTs: 'patch' (token map) or 'cls' (class token).")]
 EngineOpt = Annotated[str, typer.Option("--engine", help="Inference engine: torch or onnx.")]
 BatchOpt = Annotated[int, typer.Option("--batch-size", "-b", help="Images per model batch.")]
-WorkersOpt = Annotated[int | None, typer.Option("--workers", "-j", help="Decode worker processes (default: one per core).")]
+WorkersOpt = Annotated[
+    int | None, typer.Option("--workers", "-j", help="Decode worker processes (default: one per core).")
+]
 MaxPixelsOpt = Annotated[int, typer.Option("--max-pixels", help="Skip images with more pixels than this.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
 

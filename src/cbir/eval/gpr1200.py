@@ -81,7 +81,9 @@ def gpr_average_precisions_full_sort(features: np.ndarray, labels: np.ndarray | 
     return aps
 
 
-def summarize_gpr(aps: np.ndarray, labels: np.ndarray | list[int], domains: dict[str, tuple[int, int]] | None) -> GPRResult:
+def summarize_gpr(
+    aps: np.ndarray, labels: np.ndarray | list[int], domains: dict[str, tuple[int, int]] | None
+) -> GPRResult:
     """Overall, per-domain (category ranges, inclusive) and GPR1000 means of per-query APs."""
     labels = np.asarray(labels)
     per_domain: dict[str, float] = {}

@@ -129,9 +129,7 @@ def _lite(spec: BackboneSpec, weights: str | None, pretrained: bool) -> Backbone
         weights = getattr(module, cls_name).get_model_file_path()
     if weights is not None and os.path.isfile(weights):
         try:
-            body = _quiet_call(
-                EfficientNet.from_pretrained, name, weights_path=weights, image_size=None
-            )
+            body = _quiet_call(EfficientNet.from_pretrained, name, weights_path=weights, image_size=None)
         except Exception as exc:  # not a weights file, or the weights of another variant
             raise BackboneError(f"{weights} cannot be loaded into {name}: {exc}") from exc
     elif weights is not None:
@@ -157,9 +155,7 @@ def _timm(spec: BackboneSpec, weights: str | None, pretrained: bool) -> Backbone
     use_hub = pretrained and weights is None
     try:
         try:
-            body = timm.create_model(
-                arch, pretrained=use_hub, dynamic_img_size=True, dynamic_img_pad=True, **kwargs
-            )
+            body = timm.create_model(arch, pretrained=use_hub, dynamic_img_size=True, dynamic_img_pad=True, **kwargs)
         except TypeError:  # not a ViT-like model: no dynamic_img_size argument
             body = timm.create_model(arch, pretrained=use_hub, **kwargs)
     except RuntimeError as exc:
@@ -192,7 +188,9 @@ def _timm(spec: BackboneSpec, weights: str | None, pretrained: bool) -> Backbone
         crop=size,
         mean=tuple(float(v) for v in cfg["mean"]),
         std=tuple(float(v) for v in cfg["std"]),
-        interpolation=cfg.get("interpolation", "bilinear") if cfg.get("interpolation") in ("bilinear", "bicubic") else "bilinear",
+        interpolation=cfg.get("interpolation", "bilinear")
+        if cfg.get("interpolation") in ("bilinear", "bicubic")
+        else "bilinear",
     )
     channels = int(getattr(body, "num_features", 0) or getattr(body, "embed_dim", 0))
     return TimmBackbone(spec, body, channels, pre)
@@ -235,9 +233,7 @@ def build_backbone(
         return _lite(spec, weights, pretrained)
     if spec.name.startswith("timm:"):
         return _timm(spec, weights, pretrained)
-    raise BackboneError(
-        f"unknown backbone {spec.name!r}: use one of {sorted(_LITE_SIZES)} or timm:<model name>"
-    )
+    raise BackboneError(f"unknown backbone {spec.name!r}: use one of {sorted(_LITE_SIZES)} or timm:<model name>")
 
 
 def available_backbones() -> list[str]:

@@ -60,9 +60,7 @@ class Descriptor(nn.Module):
         self.ms_power = ms_power
         self.meta: dict[str, Any] = dict(meta or {})
         if whitening is not None and whitening.in_dim != self.pooled_dim:
-            raise ValueError(
-                f"whitening expects {whitening.in_dim}-d input but pooling gives {self.pooled_dim}"
-            )
+            raise ValueError(f"whitening expects {whitening.in_dim}-d input but pooling gives {self.pooled_dim}")
 
     # -- shape ----------------------------------------------------------------------------
     @property
@@ -193,7 +191,9 @@ class Descriptor(nn.Module):
         missing, unexpected = desc.load_state_dict(obj["state_dict"], strict=False)
         missing = [k for k in missing if not k.startswith("whitening.")]
         if missing or unexpected:
-            raise ValueError(f"{path}: weights do not fit the architecture (missing {missing[:3]}, unexpected {unexpected[:3]})")
+            raise ValueError(
+                f"{path}: weights do not fit the architecture (missing {missing[:3]}, unexpected {unexpected[:3]})"
+            )
         return desc.eval()
 
 

@@ -27,7 +27,9 @@ from cbir.models.pooling import l2n
 class Whitening(nn.Module):
     """``x -> l2n((x - mean) @ projection.T)``."""
 
-    def __init__(self, mean: np.ndarray | torch.Tensor, projection: np.ndarray | torch.Tensor, meta: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, mean: np.ndarray | torch.Tensor, projection: np.ndarray | torch.Tensor, meta: dict[str, Any] | None = None
+    ) -> None:
         super().__init__()
         self.register_buffer("mean", torch.as_tensor(np.asarray(mean), dtype=torch.float32).reshape(-1))
         self.register_buffer("projection", torch.as_tensor(np.asarray(projection), dtype=torch.float32))
@@ -148,7 +150,7 @@ def fit_learned_whitening(
     s_intra = diff.T @ diff / len(qidx)
     vals, vecs = _sym_eig_desc(s_intra)
     vals = np.maximum(vals, eps * max(vals[0], eps))
-    p1 = (vecs * vals ** -0.5) @ vecs.T  # S^-1/2, symmetric
+    p1 = (vecs * vals**-0.5) @ vecs.T  # S^-1/2, symmetric
     xw = (x[qidx] - mean) @ p1.T
     s_inter = xw.T @ xw / len(qidx)
     _, vecs2 = _sym_eig_desc(s_inter)
@@ -157,7 +159,9 @@ def fit_learned_whitening(
     return Whitening(mean, projection, meta)
 
 
-def pairs_from_labels(labels: np.ndarray | list[int], max_pairs: int | None = 100_000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def pairs_from_labels(
+    labels: np.ndarray | list[int], max_pairs: int | None = 100_000, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
     """All ordered same-label pairs (i != j), subsampled to ``max_pairs``."""
     labels = np.asarray(labels)
     qs: list[np.ndarray] = []
