@@ -734,22 +734,12 @@ def _index_error_status(exc: IndexError_) -> tuple[int, str]:
     return 500, "index_error"
 
 
-#: How deep to look for a just-added file among the neighbours of its own stored vector
-#: (identical copies elsewhere in the collection tie with it at similarity 1).
-_ID_LOOKUP_DEPTH = 50
-
-
 def _id_of(index: Index, path: Path) -> int | None:
-    """Catalogue id of an indexed file, via the public API only.
-
-    A search by an indexed path uses that file's stored vector, so the file itself is
-    among the top hits; it is recognised by its path.
-    """
-    want = os.path.realpath(path)
-    for hit in index.search(str(path), k=_ID_LOOKUP_DEPTH):
-        if os.path.realpath(hit.path) == want:
-            return int(hit.id)
-    return None
+    """Catalogue id of a successfully indexed file, or None if it failed or is absent."""
+    record = index.lookup(path)
+    if record is None or record.status != "ok":
+        return None
+    return int(record.id)
 
 
 def _delete_if_uploaded(path: str, upload_dir: Path | None) -> None:
