@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from cbir.allocator import tune_allocator
 from cbir.data.decode import DEFAULT_MAX_PIXELS, DecodeError, image_size, load_image
 from cbir.data.transforms import Preprocess
 from cbir.fileio import atomic_numpy_save, atomic_write_text
@@ -140,7 +141,9 @@ def default_workers() -> int:
 # runners
 # ----------------------------------------------------------------------------------------
 def torch_runner(descriptor: Descriptor) -> Runner:
-    """Run the descriptor with PyTorch eager on the CPU."""
+    """Run the descriptor with PyTorch eager on the CPU (glibc malloc tuned first, see
+    :mod:`cbir.allocator`: without it, page faults cost more than the convolutions)."""
+    tune_allocator()
     descriptor.eval()
 
     def run(batch: np.ndarray) -> np.ndarray:

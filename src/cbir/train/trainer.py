@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from cbir.allocator import tune_allocator
 from cbir.eval.gpr1200 import evaluate_labelled
 from cbir.fileio import atomic_torch_save
 from cbir.models.backbones import DEFAULT_BACKBONE
@@ -240,6 +241,7 @@ class Trainer:
         self.progress = progress
         self.log = log or (lambda msg: None)
         self.cache = cache or ImageCache()
+        tune_allocator()  # activations of every step would otherwise be page-faulted in anew
         torch.manual_seed(config.seed)
         self.desc = build_training_descriptor(config)
         freeze_leading(self.desc, config.freeze)
