@@ -181,3 +181,76 @@ def test_damaged_cache_file_falls_back_with_a_message(
     run = make_runner(desc, "onnx", verbose=False)
     err = capsys.readouterr().err
     assert run.engine == "torch" and "delete it to re-export" in err and str(path) in err
+
+
+def _op_counts(path: Path) -> dict[str, int]:
+    import onnx
+
+    counts: dict[str, int] = {}
+    for node in onnx.load(os.fspath(path)).graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return counts
+
+
+def test_fixed_size_policy_exports_a_fixed_size_graph(onnx_cache: Path) -> None:
+    """Squash gives every image one size: the graph is traced at it (batch stays dynamic);
+    an array of another size, which only a caller's own arrays can be, goes to torch."""
+    desc = build_descriptor("timm:resnet10t", pretrained=False, image_size=64, resize="squash")
+    path, info = cached_model(desc, verbose=False)
+    assert info.input_size == [64, 64] and not info.dynamic_size
+    onnx, ref = onnx_runner(desc, verbose=False), torch_runner(desc)
+    for x in _images([(1, 64, 64), (5, 64, 64)]):
+        assert _min_cos(onnx(x), ref(x)) >= 0.9999
+    odd = _images([(2, 48, 80)])[0]
+    np.testing.assert_array_equal(onnx(odd), ref(odd))
+
+
+def test_constant_pads_are_folded_into_the_convolution() -> None:
+    """An asymmetric zero Pad before a Conv becomes the Conv's own pads attribute, with
+    the same output; a Pad of another value is left alone."""
+    import io
+
+    import onnxruntime as ort
+    import torch
+    import torch.nn.functional as F
+
+    from cbir.engine.export import optimize_graph
+
+    class Net(torch.nn.Module):
+        def __init__(self, value: float) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 3, stride=2)
+            self.value = value
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.conv(F.pad(x, [0, 1, 1, 2], value=self.value))
+
+    x = torch.randn(2, 3, 15, 16)
+    for value, folds in ((0.0, True), (1.0, False)):
+        net = Net(value).eval()
+        buf = io.BytesIO()
+        torch.onnx.export(net, (x,), buf, dynamo=False, input_names=["x"], opset_version=17)
+        out = optimize_graph(buf.getvalue())
+        import onnx
+
+        ops = [n.op_type for n in onnx.load_from_string(out).graph.node]
+        assert ("Pad" not in ops) == folds, (value, ops)
+        sess = ort.InferenceSession(out, providers=["CPUExecutionProvider"])
+        got = sess.run(None, {"x": x.numpy()})[0]
+        with torch.no_grad():
+            np.testing.assert_allclose(got, net(x).numpy(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_efficientnet_lite0_default_graph_has_no_size_arithmetic(onnx_cache: Path) -> None:
+    """The default descriptor (224 squash) exports with every TF "same" padding a
+    constant inside its Conv: no Pad, Shape or Mod node is left to break ONNX Runtime's
+    blocked layout, and the vectors still agree with torch."""
+    desc = build_descriptor()
+    path, info = cached_model(desc, verbose=False)
+    assert info.input_size == [224, 224]
+    ops = _op_counts(path)
+    assert ops.get("Conv", 0) > 40
+    assert not {"Pad", "Shape", "Mod"} & set(ops), ops
+    x = _images([(3, 224, 224)], seed=5)[0]
+    assert _min_cos(onnx_runner(desc, verbose=False)(x), torch_runner(desc)(x)) >= 0.9999

@@ -93,14 +93,24 @@ def onnx_runner(
     ``threads``: ONNX Runtime intra-op threads (default: every usable core; the decode
     workers run beside them because ORT threads sleep instead of spinning while idle).
     """
-    path, _info = cached_model(descriptor, cache_dir, verbose=verbose)
+    path, info = cached_model(descriptor, cache_dir, verbose=verbose)
     try:
         session = make_session(path, threads=threads, spinning=spinning)
     except Exception as exc:  # a damaged cache file: say which one to delete
         raise EngineUnavailable(f"cannot load {path} ({exc}); delete it to re-export") from exc
     descriptor.eval()
+    size = tuple(info.input_size) if info.input_size else None
+    other_sizes: list[Runner] = []
 
     def run(batch: np.ndarray) -> np.ndarray:
+        if size is not None and tuple(batch.shape[1:3]) != size:
+            # a fixed-size graph and an image of another size (the resize policy always
+            # gives `size`, so only a caller passing its own arrays gets here): torch
+            if not other_sizes:
+                from cbir.extract import torch_runner
+
+                other_sizes.append(torch_runner(descriptor))
+            return other_sizes[0](batch)
         return run_session(session, descriptor, batch)
 
     run.engine = "onnx"  # type: ignore[attr-defined]
