@@ -14,64 +14,31 @@ from rich.table import Table
 from cbir.benchmarks import learn_whitening, run_gpr1200
 from cbir.cli.commands import app, bench_app
 from cbir.cli.options import (
-    BatchOpt,
-    CropOpt,
-    EngineOpt,
-    ImageSizeOpt,
-    MaxPixelsOpt,
-    ModelOpt,
-    PoolingOpt,
-    QuietOpt,
-    ResizeOpt,
-    ScalesOpt,
-    TokenOpt,
-    WeightsOpt,
-    WhitenOpt,
-    WorkersOpt,
-    extract_options,
-    make_descriptor,
+    DescriptorOptions,
+    ExtractionOptions,
+    descriptor_options,
+    extraction_options,
 )
 from cbir.data.datasets import list_images
-from cbir.data.decode import DEFAULT_MAX_PIXELS
-from cbir.extract import DEFAULT_ENGINE, extract
+from cbir.extract import extract
 from cbir.fileio import atomic_numpy_save, atomic_write_text
-from cbir.models.backbones import DEFAULT_BACKBONE
 
 console = Console(stderr=False)
 err = Console(stderr=True)
 
 
 @app.command("extract")
+@extraction_options()
+@descriptor_options()
 def extract_cmd(
     inputs: Annotated[list[Path], typer.Argument(help="Image folders (walked recursively) or files.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output .npy (a .json manifest is written beside it).")],
-    model: ModelOpt = DEFAULT_BACKBONE,
-    weights: WeightsOpt = None,
-    pooling: PoolingOpt = None,
-    scales: ScalesOpt = None,
-    whiten: WhitenOpt = None,
-    image_size: ImageSizeOpt = None,
-    resize: ResizeOpt = None,
-    crop: CropOpt = None,
-    token: TokenOpt = "patch",
-    engine: EngineOpt = DEFAULT_ENGINE,
-    batch_size: BatchOpt = 32,
-    workers: WorkersOpt = None,
-    max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS,
-    quiet: QuietOpt = False,
+    *,
+    describe: DescriptorOptions,
+    extraction: ExtractionOptions,
 ) -> None:
     """Describe every image under INPUTS; write an N x D float32 matrix and its manifest."""
-    desc = make_descriptor(
-        model,
-        weights=weights,
-        pooling=pooling,
-        scales=scales,
-        whiten=whiten,
-        image_size=image_size,
-        resize=resize,
-        crop=crop,
-        token=token,
-    )
+    desc = describe.build()
     paths: list[Path] = []
     for p in inputs:
         try:
@@ -80,7 +47,7 @@ def extract_cmd(
             raise typer.BadParameter(str(exc)) from exc
     if not paths:
         raise typer.BadParameter("no images found")
-    result = extract(desc, paths, **extract_options(engine, batch_size, workers, max_pixels, quiet))
+    result = extract(desc, paths, **extraction.kwargs())
     manifest = result.save(out)
     for f in result.failures:
         err.print(f"[yellow]skipped[/] {f.path}: {f.reason}")
@@ -91,6 +58,8 @@ def extract_cmd(
 
 
 @app.command("whiten")
+@extraction_options()
+@descriptor_options(omit=("whiten",))
 def whiten_cmd(
     data: Annotated[
         Path, typer.Argument(help="Images to learn from (class folders for --kind learned). Never the evaluation set.")
@@ -103,31 +72,12 @@ def whiten_cmd(
     power: Annotated[
         float, typer.Option("--power", help="PCA eigenvalue power: 1 whitens fully, 0 only rotates.")
     ] = 1.0,
-    model: ModelOpt = DEFAULT_BACKBONE,
-    weights: WeightsOpt = None,
-    pooling: PoolingOpt = None,
-    scales: ScalesOpt = None,
-    image_size: ImageSizeOpt = None,
-    resize: ResizeOpt = None,
-    crop: CropOpt = None,
-    token: TokenOpt = "patch",
-    engine: EngineOpt = DEFAULT_ENGINE,
-    batch_size: BatchOpt = 32,
-    workers: WorkersOpt = None,
-    max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS,
-    quiet: QuietOpt = False,
+    *,
+    describe: DescriptorOptions,
+    extraction: ExtractionOptions,
 ) -> None:
     """Learn PCA or supervised whitening on a separate image set, for use with --whiten."""
-    desc = make_descriptor(
-        model,
-        weights=weights,
-        pooling=pooling,
-        scales=scales,
-        image_size=image_size,
-        resize=resize,
-        crop=crop,
-        token=token,
-    )
+    desc = describe.build()
     try:
         w = learn_whitening(
             data,
@@ -135,7 +85,7 @@ def whiten_cmd(
             kind=kind,
             dim=dim,
             power=power,
-            **extract_options(engine, batch_size, workers, max_pixels, quiet),
+            **extraction.kwargs(),
         )
     except (ValueError, FileNotFoundError) as exc:
         raise typer.BadParameter(str(exc)) from exc
@@ -144,24 +94,15 @@ def whiten_cmd(
 
 
 @bench_app.command("gpr1200")
+@extraction_options()
+@descriptor_options()
 def bench_gpr1200_cmd(
     root: Annotated[
         Path, typer.Argument(help="GPR1200-format folder (images, or an images/ folder and subsets.json).")
     ],
-    model: ModelOpt = DEFAULT_BACKBONE,
-    weights: WeightsOpt = None,
-    pooling: PoolingOpt = None,
-    scales: ScalesOpt = None,
-    whiten: WhitenOpt = None,
-    image_size: ImageSizeOpt = None,
-    resize: ResizeOpt = None,
-    crop: CropOpt = None,
-    token: TokenOpt = "patch",
-    engine: EngineOpt = DEFAULT_ENGINE,
-    batch_size: BatchOpt = 32,
-    workers: WorkersOpt = None,
-    max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS,
-    quiet: QuietOpt = False,
+    *,
+    describe: DescriptorOptions,
+    extraction: ExtractionOptions,
     save_features: Annotated[
         Path | None, typer.Option("--save-features", help="Save the N x D descriptors (.npy) in 'files' order.")
     ] = None,
@@ -170,19 +111,9 @@ def bench_gpr1200_cmd(
     ] = None,
 ) -> None:
     """Score a descriptor with the GPR1200 protocol (Schall et al. 2021)."""
-    desc = make_descriptor(
-        model,
-        weights=weights,
-        pooling=pooling,
-        scales=scales,
-        whiten=whiten,
-        image_size=image_size,
-        resize=resize,
-        crop=crop,
-        token=token,
-    )
+    desc = describe.build()
     try:
-        bench = run_gpr1200(root, desc, **extract_options(engine, batch_size, workers, max_pixels, quiet))
+        bench = run_gpr1200(root, desc, **extraction.kwargs())
     except (FileNotFoundError, RuntimeError, ValueError) as exc:
         raise typer.BadParameter(str(exc)) from exc
     table = Table(title=f"GPR1200 protocol on {root} ({len(bench.files)} images, {desc.describe_name()})")

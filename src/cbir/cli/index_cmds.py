@@ -17,22 +17,12 @@ from rich.table import Table
 
 from cbir.cli.commands import app
 from cbir.cli.options import (
-    BatchOpt,
-    CropOpt,
+    DescriptorOptions,
     EngineOpt,
-    ImageSizeOpt,
-    MaxPixelsOpt,
-    PoolingOpt,
-    QuietOpt,
-    ResizeOpt,
-    ScalesOpt,
-    TokenOpt,
-    WeightsOpt,
-    WhitenOpt,
-    WorkersOpt,
-    make_descriptor,
+    ExtractionOptions,
+    descriptor_options,
+    extraction_options,
 )
-from cbir.data.decode import DEFAULT_MAX_PIXELS
 from cbir.extract import DEFAULT_ENGINE
 from cbir.index import DEFAULT_DB, Index, IndexError_
 
@@ -67,6 +57,8 @@ def _open(db: Path, **kwargs: Any) -> Index:
 
 
 @app.command("index")
+@extraction_options()
+@descriptor_options(declare={"model": IndexModelOpt}, model=None)
 def index_cmd(
     dirs: Annotated[list[Path], typer.Argument(help="Image folders, walked recursively.")],
     db: DbOpt = Path(DEFAULT_DB),
@@ -87,42 +79,23 @@ def index_cmd(
     dba_alpha: Annotated[
         float | None, typer.Option("--dba-alpha", help="DBA weight exponent (alpha-DBA).")
     ] = None,
-    model: IndexModelOpt = None,
-    weights: WeightsOpt = None,
-    pooling: PoolingOpt = None,
-    scales: ScalesOpt = None,
-    whiten: WhitenOpt = None,
-    image_size: ImageSizeOpt = None,
-    resize: ResizeOpt = None,
-    crop: CropOpt = None,
-    token: TokenOpt = "patch",
-    engine: EngineOpt = DEFAULT_ENGINE,
-    batch_size: BatchOpt = 32,
-    workers: WorkersOpt = None,
-    max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS,
-    quiet: QuietOpt = False,
     json_out: JsonOpt = False,
+    *,
+    describe: DescriptorOptions,
+    extraction: ExtractionOptions,
 ) -> None:
     """Index image folders incrementally: only new and changed files are described,
     deleted ones dropped, moved ones recognised by content."""
-    descriptor_options = (weights, pooling, scales, whiten, image_size, resize, crop)
-    descriptor = None
-    if model is not None or any(o is not None for o in descriptor_options) or token != "patch":
-        descriptor = make_descriptor(
-            model or "efficientnet-lite0", weights=weights, pooling=pooling, scales=scales,
-            whiten=whiten, image_size=image_size, resize=resize, crop=crop, token=token,
-        )  # fmt: skip
+    # no descriptor option given: the index's own descriptor (or the default for a new one)
+    chosen = describe.model is not None or describe.customised()
+    descriptor = describe.build() if chosen else None
+    run = extraction.kwargs(engine=False)
     with _user_errors():
         with _open(
-            db, model=descriptor, factory=factory, dba=dba, dba_alpha=dba_alpha, engine=engine
+            db, model=descriptor, factory=factory, dba=dba, dba_alpha=dba_alpha,
+            engine=extraction.engine,
         ) as idx:
-            report = idx.sync(
-                dirs,
-                progress=not quiet,
-                batch_size=batch_size,
-                workers=workers,
-                max_pixels=max_pixels,
-            )
+            report = idx.sync(dirs, **run)
             stats = idx.stats()
     if json_out:
         console.print_json(json.dumps({**report.to_dict(), "images": stats["images"]}))

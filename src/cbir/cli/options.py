@@ -1,17 +1,29 @@
 """Options shared by every command that describes images, and their translation to the API.
 
-Defined once as ``Annotated`` aliases so ``extract``, ``bench``, ``index`` and ``train``
-spell them identically.
+Each option is defined once, as an ``Annotated`` alias. The commands that describe images
+(``extract``, ``whiten``, ``bench gpr1200``, ``bench revisited``, ``rmac-whiten``,
+``index``) do not list them: :func:`descriptor_options` and :func:`extraction_options`
+add them to a command's signature and hand the command one :class:`DescriptorOptions` /
+:class:`ExtractionOptions` object, so a new option or a changed help text reaches every
+command at once and each command says only what is particular to it.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import inspect
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import typer
 
+from cbir.data.decode import DEFAULT_MAX_PIXELS
+from cbir.extract import DEFAULT_ENGINE
+from cbir.models.backbones import DEFAULT_BACKBONE
 from cbir.models.descriptor import RADENOVIC_SCALES, Descriptor, build_descriptor
 
 ModelOpt = Annotated[
@@ -96,11 +108,150 @@ def make_descriptor(
         raise typer.BadParameter(str(exc)) from exc
 
 
-def extract_options(engine: str, batch_size: int, workers: int | None, max_pixels: int, quiet: bool) -> dict[str, Any]:
-    return {
-        "engine": engine,
-        "batch_size": batch_size,
-        "workers": workers,
-        "max_pixels": max_pixels,
-        "progress": not quiet,
-    }
+# ----------------------------------------------------------------------------------------
+# option objects and the decorators that declare them on a command
+# ----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DescriptorOptions:
+    """What ``--model``, ``--pooling``, ``--scales``, ... say about the descriptor."""
+
+    model: str | None = DEFAULT_BACKBONE
+    weights: Path | None = None
+    pooling: str | None = None
+    scales: str | None = None
+    whiten: Path | None = None
+    image_size: int | None = None
+    resize: str | None = None
+    crop: int | None = None
+    token: str = "patch"
+
+    def customised(self) -> bool:
+        """True when any option other than ``--model`` differs from its default."""
+        defaults = DescriptorOptions()
+        return any(
+            getattr(self, f.name) != getattr(defaults, f.name)
+            for f in dataclasses.fields(self)
+            if f.name != "model"
+        )
+
+    def build(self, **overrides: Any) -> Descriptor:
+        """The descriptor (``overrides`` replace options, e.g. a command's own defaults)."""
+        o = dataclasses.replace(self, **overrides) if overrides else self
+        return make_descriptor(
+            o.model or DEFAULT_BACKBONE, weights=o.weights, pooling=o.pooling, scales=o.scales,
+            whiten=o.whiten, image_size=o.image_size, resize=o.resize, crop=o.crop, token=o.token,
+        )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ExtractionOptions:
+    """How to run the extraction: engine, batch, decode workers, size limit, progress."""
+
+    engine: str = DEFAULT_ENGINE
+    batch_size: int = 32
+    workers: int | None = None
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    quiet: bool = False
+
+    def kwargs(self, *, engine: bool = True) -> dict[str, Any]:
+        """Keyword arguments for :func:`cbir.extract.extract` and the functions on top of it."""
+        out: dict[str, Any] = {
+            "batch_size": self.batch_size,
+            "workers": self.workers,
+            "max_pixels": self.max_pixels,
+            "progress": not self.quiet,
+        }
+        if engine:
+            out["engine"] = self.engine
+        return out
+
+
+_DESCRIPTOR_OPTIONS: dict[str, Any] = {
+    "model": ModelOpt,
+    "weights": WeightsOpt,
+    "pooling": PoolingOpt,
+    "scales": ScalesOpt,
+    "whiten": WhitenOpt,
+    "image_size": ImageSizeOpt,
+    "resize": ResizeOpt,
+    "crop": CropOpt,
+    "token": TokenOpt,
+}
+_EXTRACTION_OPTIONS: dict[str, Any] = {
+    "engine": EngineOpt,
+    "batch_size": BatchOpt,
+    "workers": WorkersOpt,
+    "max_pixels": MaxPixelsOpt,
+    "quiet": QuietOpt,
+}
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _inject(
+    target: str, cls: type, annotations: dict[str, Any], omit: tuple[str, ...], defaults: dict[str, Any]
+) -> Callable[[F], F]:
+    """Replace the command's ``target`` parameter by one CLI option per field of ``cls``;
+    the command receives them back as one ``cls`` instance.
+
+    typer reads a command's options from its signature, so the wrapper publishes the
+    command's own parameters followed by the shared ones (``__signature__`` and
+    evaluated ``__annotations__``, which is what typer and ``inspect`` look at).
+    """
+    unknown = set(defaults) - set(annotations)
+    if unknown:
+        raise TypeError(f"no such option: {sorted(unknown)}")
+    base = cls()
+    shared = [
+        inspect.Parameter(
+            name,
+            inspect.Parameter.KEYWORD_ONLY,
+            annotation=annotation,
+            default=defaults.get(name, getattr(base, name)),
+        )
+        for name, annotation in annotations.items()
+        if name not in omit
+    ]
+    names = [p.name for p in shared]
+
+    def decorate(fn: F) -> F:
+        sig = inspect.signature(fn, eval_str=True)
+        if target not in sig.parameters:
+            raise TypeError(f"{fn.__name__} has no parameter {target!r} to receive the options")
+        own = [p for p in sig.parameters.values() if p.name != target]
+        clash = {p.name for p in own} & set(names)
+        if clash:
+            raise TypeError(f"{fn.__name__} declares shared options itself: {sorted(clash)}")
+
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            given = {n: kwargs.pop(n) for n in names if n in kwargs}
+            kwargs[target] = dataclasses.replace(base, **{**defaults, **given})
+            return fn(*args, **kwargs)
+
+        params = own + shared
+        wrapper.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]
+        wrapper.__annotations__ = {p.name: p.annotation for p in params}
+        if sig.return_annotation is not inspect.Signature.empty:
+            wrapper.__annotations__["return"] = sig.return_annotation
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
+
+
+def descriptor_options(
+    *, omit: tuple[str, ...] = (), declare: dict[str, Any] | None = None, **defaults: Any
+) -> Callable[[F], F]:
+    """Give a command the descriptor options, received as ``describe: DescriptorOptions``.
+
+    ``omit`` leaves options out (``whiten`` for commands that learn a whitening);
+    ``declare`` replaces an option's declaration (its help text for this command);
+    keyword arguments change a default for this command (``pooling="rmac"``).
+    """
+    annotations = {**_DESCRIPTOR_OPTIONS, **(declare or {})}
+    return _inject("describe", DescriptorOptions, annotations, omit, defaults)
+
+
+def extraction_options(*, omit: tuple[str, ...] = (), **defaults: Any) -> Callable[[F], F]:
+    """Give a command the extraction options, received as ``extraction: ExtractionOptions``."""
+    return _inject("extraction", ExtractionOptions, _EXTRACTION_OPTIONS, omit, defaults)

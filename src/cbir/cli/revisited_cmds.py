@@ -17,35 +17,31 @@ import typer
 from cbir.benchmarks import PostProcessing, learn_region_whitening, run_revisited
 from cbir.cli.commands import app, bench_app
 from cbir.cli.options import (
-    BatchOpt,
-    CropOpt,
-    EngineOpt,
-    ImageSizeOpt,
-    MaxPixelsOpt,
-    ModelOpt,
-    PoolingOpt,
-    QuietOpt,
-    ResizeOpt,
-    ScalesOpt,
-    TokenOpt,
-    WeightsOpt,
-    WhitenOpt,
-    WorkersOpt,
-    extract_options,
-    make_descriptor,
+    DescriptorOptions,
+    ExtractionOptions,
+    descriptor_options,
+    extraction_options,
 )
-from cbir.data.decode import DEFAULT_MAX_PIXELS
 from cbir.data.revisited import GroundTruthError
 from cbir.diffusion import DEFAULT_K, DEFAULT_KQ
 from cbir.eval.revisited import RevisitedResult
-from cbir.extract import DEFAULT_ENGINE
 from cbir.fileio import atomic_numpy_save, atomic_write_text
-from cbir.models.backbones import DEFAULT_BACKBONE
 
 #: Input size used when the model is a backbone name and no size is given: instance
 #: retrieval needs the whole image at a useful resolution (the papers use max side 1024;
 #: 512 keeps a 2-core CPU run of a small dataset in minutes).
 DEFAULT_INSTANCE_SIZE = 512
+
+
+def _instance_defaults(describe: DescriptorOptions) -> dict[str, object]:
+    """For a backbone name (not a descriptor file): keep the aspect ratio, max side
+    :data:`DEFAULT_INSTANCE_SIZE`, unless the options say otherwise."""
+    if describe.model is not None and os.path.isfile(describe.model):
+        return {}
+    return {
+        "resize": describe.resize or "keep",
+        "image_size": describe.image_size or DEFAULT_INSTANCE_SIZE,
+    }
 
 
 def parse_k_alpha(text: str | None, what: str) -> tuple[int, float]:
@@ -79,20 +75,13 @@ def format_result(result: RevisitedResult) -> list[str]:
 
 
 @bench_app.command("revisited")
+@extraction_options()
+@descriptor_options()
 def bench_revisited_cmd(
     root: Annotated[Path, typer.Argument(help="revisitop-format folder (jpg/ and gnd_*.pkl).")],
     gnd: Annotated[
         Path | None, typer.Option("--gnd", help="Ground-truth pickle (default: DIR/gnd_*.pkl).")
     ] = None,
-    model: ModelOpt = DEFAULT_BACKBONE,
-    weights: WeightsOpt = None,
-    pooling: PoolingOpt = None,
-    scales: ScalesOpt = None,
-    whiten: WhitenOpt = None,
-    image_size: ImageSizeOpt = None,
-    resize: ResizeOpt = None,
-    crop: CropOpt = None,
-    token: TokenOpt = "patch",
     full_query: Annotated[
         bool, typer.Option("--full-query", help="Describe whole query images, not the bbx crop.")
     ] = False,
@@ -111,11 +100,6 @@ def bench_revisited_cmd(
     diffusion_kq: Annotated[
         int, typer.Option("--diffusion-kq", help="Database neighbours seeding each query.")
     ] = DEFAULT_KQ,
-    engine: EngineOpt = DEFAULT_ENGINE,
-    batch_size: BatchOpt = 32,
-    workers: WorkersOpt = None,
-    max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS,
-    quiet: QuietOpt = False,
     save_ranks: Annotated[
         Path | None,
         typer.Option("--save-ranks", help="Save the Nq x Ndb rankings (.npy, indices best first)."),
@@ -123,15 +107,16 @@ def bench_revisited_cmd(
     json_out: Annotated[
         Path | None, typer.Option("--json", help="Write E/M/H mAP and mP@k (percent) as JSON.")
     ] = None,
+    *,
+    describe: DescriptorOptions,
+    extraction: ExtractionOptions,
 ) -> None:
     """Score a descriptor with the revisited Oxford/Paris protocol (Easy / Medium / Hard).
 
     With a backbone name and no size options, images are described with their aspect
     kept and the longest side at 512 pixels.
     """
-    if not os.path.isfile(model):
-        resize = resize or "keep"
-        image_size = image_size or DEFAULT_INSTANCE_SIZE
+    desc = describe.build(**_instance_defaults(describe))
     qe_k, qe_alpha = parse_k_alpha(qe, "--qe")
     dba_k, dba_alpha = parse_k_alpha(dba, "--dba")
     post = PostProcessing(
@@ -143,15 +128,10 @@ def bench_revisited_cmd(
         diffusion_k=diffusion_k,
         diffusion_kq=diffusion_kq,
     )
-    desc = make_descriptor(
-        model, weights=weights, pooling=pooling, scales=scales, whiten=whiten,
-        image_size=image_size, resize=resize, crop=crop, token=token,
-    )  # fmt: skip
     try:
         bench = run_revisited(
-            root, desc, gnd=gnd, full_query=full_query, post=post,
-            **extract_options(engine, batch_size, workers, max_pixels, quiet),
-        )  # fmt: skip
+            root, desc, gnd=gnd, full_query=full_query, post=post, **extraction.kwargs()
+        )
     except (FileNotFoundError, RuntimeError, ValueError, GroundTruthError) as exc:
         raise typer.BadParameter(str(exc)) from exc
     feats = bench.features
@@ -169,6 +149,8 @@ def bench_revisited_cmd(
 
 
 @app.command("rmac-whiten")
+@extraction_options(omit=("engine",))
+@descriptor_options(omit=("whiten",), pooling="rmac")
 def rmac_whiten_cmd(
     data: Annotated[
         Path, typer.Argument(help="Training images (walked recursively). Never the evaluation set.")
@@ -184,18 +166,9 @@ def rmac_whiten_cmd(
         int | None, typer.Option("--max-images", help="Learn on a seeded random subset.")
     ] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the subset.")] = 0,
-    model: ModelOpt = DEFAULT_BACKBONE,
-    weights: WeightsOpt = None,
-    pooling: PoolingOpt = "rmac",
-    scales: ScalesOpt = None,
-    image_size: ImageSizeOpt = None,
-    resize: ResizeOpt = None,
-    crop: CropOpt = None,
-    token: TokenOpt = "patch",
-    batch_size: BatchOpt = 32,
-    workers: WorkersOpt = None,
-    max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS,
-    quiet: QuietOpt = False,
+    *,
+    describe: DescriptorOptions,
+    extraction: ExtractionOptions,
 ) -> None:
     """Learn R-MAC's region-wise PCA-whitening (Gordo et al. 2016) into a descriptor file.
 
@@ -203,17 +176,11 @@ def rmac_whiten_cmd(
     Region vectors are computed with PyTorch (the fit needs every region, not the pooled
     vector an inference engine returns).
     """
-    if not os.path.isfile(model):
-        resize = resize or "keep"
-        image_size = image_size or DEFAULT_INSTANCE_SIZE
-    desc = make_descriptor(
-        model, weights=weights, pooling=pooling, scales=scales,
-        image_size=image_size, resize=resize, crop=crop, token=token,
-    )  # fmt: skip
+    desc = describe.build(**_instance_defaults(describe))
     try:
         w = learn_region_whitening(
             data, desc, dim=dim, power=power, max_images=max_images, seed=seed,
-            **extract_options("torch", batch_size, workers, max_pixels, quiet),
+            engine="torch", **extraction.kwargs(engine=False),
         )  # fmt: skip
     except (ValueError, FileNotFoundError) as exc:
         raise typer.BadParameter(str(exc)) from exc
