@@ -348,3 +348,28 @@ def test_train_on_train_pool_characters(tiny_model_file: Path, tmp_path: Path) -
     result = train(cfg, data, out=tmp_path / "c.cbir", progress=False)
     assert result.history[-1].val_map is not None and 0.0 < result.history[-1].val_map <= 1.0
     assert Descriptor.load(tmp_path / "c.cbir").dim == result.descriptor.dim
+
+
+def test_patience_stops_when_validation_stops_improving(
+    tiny_model_file: Path, class_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Validation mAP 0.5 (start), 0.6 (epoch 1), then lower: with patience 2 the run
+    stops before epoch 4 and keeps epoch 1; a resume may set the patience too."""
+    scores = iter([0.5, 0.6, 0.55, 0.54, 0.9, 0.9])
+    monkeypatch.setattr(Trainer, "validate", lambda self: next(scores))
+    data = load_train_data([class_dir])
+    ckpt = tmp_path / "ckpt"
+    cfg = tiny_config(tiny_model_file, epochs=10, patience=2, keep="best")
+    result = train(cfg, data, checkpoint_dir=ckpt, progress=False)
+    assert [h.epoch for h in result.history] == [0, 1, 2, 3]
+    assert result.stopped_early and result.best_epoch == 1
+    # resuming the stopped run with a patience of 1 stops at once, still keeping epoch 1
+    scores = iter([])
+    again = train(
+        tiny_config(tiny_model_file, epochs=10, patience=1, keep="best"), data,
+        resume=ckpt / "last.pt",
+        progress=False,
+    )  # fmt: skip
+    assert again.stopped_early and again.best_epoch == 1 and len(again.history) == 4
+    with pytest.raises(ValueError, match="patience"):
+        tiny_config(tiny_model_file, patience=0)

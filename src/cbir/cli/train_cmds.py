@@ -109,6 +109,13 @@ def train_cmd(
         float | None,
         typer.Option("--time-limit", help="Minutes; no epoch is started that would overrun."),
     ] = None,
+    patience: Annotated[
+        int | None,
+        typer.Option(
+            "--patience",
+            help="Stop after this many epochs without a better validation mAP (early stopping).",
+        ),
+    ] = None,
     checkpoints: Annotated[
         Path | None,
         typer.Option("--checkpoints", help="Checkpoint folder [default: OUT's name + .ckpt]."),
@@ -147,6 +154,7 @@ def train_cmd(
             whiten_dim=whiten_dim,
             keep=keep,
             time_limit=time_limit * 60 if time_limit else None,
+            patience=patience,
         )
         train_data = load_train_data(data)
         val_data = load_train_data([val]) if val is not None else None

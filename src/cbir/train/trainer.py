@@ -75,6 +75,7 @@ class TrainConfig:
     whiten_dim: int | None = None
     keep: str = "best"  # 'best' (highest validation mAP) or 'last'
     time_limit: float | None = None  # seconds; stop before an epoch that would overrun
+    patience: int | None = None  # stop after this many epochs without a better validation mAP
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
@@ -90,6 +91,8 @@ class TrainConfig:
             raise ValueError("freeze must be a fraction in [0, 1)")
         if self.image_size is not None and self.image_size < 16:
             raise ValueError("image size must be at least 16")
+        if self.patience is not None and self.patience < 1:
+            raise ValueError("patience must be at least 1 epoch")
 
     @property
     def effective_margin(self) -> float:
@@ -421,6 +424,14 @@ class Trainer:
         stopped = False
         while self.epoch < c.epochs:
             epoch = self.epoch + 1
+            if self._out_of_patience():
+                self.log(
+                    f"stopping before epoch {epoch}: validation mAP has not improved for "
+                    f"{self.epoch - int(self.best['epoch'])} epochs (best: epoch "
+                    f"{self.best['epoch']}, {self.best['val_map']:.4f}; patience {c.patience})"
+                )
+                stopped = True
+                break
             if c.time_limit is not None and len(self.history) > 1:
                 spent = spent_before + time.perf_counter() - start
                 last = self.history[-1].seconds
@@ -460,6 +471,12 @@ class Trainer:
             if checkpoint_dir is not None:
                 self.save_checkpoint(checkpoint_dir)
         return self._finish(spent_before + time.perf_counter() - start, stopped)
+
+    def _out_of_patience(self) -> bool:
+        """Early stopping: ``patience`` epochs since the best validation mAP (the kept
+        epoch with ``keep='best'``), so further epochs are unlikely to change the output."""
+        p = self.config.patience
+        return p is not None and self.best is not None and self.epoch - int(self.best["epoch"]) >= p
 
     def _update_best(self, val: float | None) -> None:
         if val is None:
@@ -535,12 +552,14 @@ def train(
     """Fine-tune ``config.model`` on ``data`` and (if ``out``) write the descriptor file.
 
     Without ``val``, ``config.val_fraction`` of the classes are held out for validation
-    (0 disables it). With ``resume``, the checkpoint's configuration is used, except
-    ``epochs`` and ``time_limit``, which may be raised to extend a finished run.
+    (0 disables it). With ``resume``, the checkpoint's configuration is used, except the
+    stopping rules (``epochs``, ``time_limit``, ``patience``), which do not change what an
+    epoch computes: a finished run may be extended, a running one stopped early.
     """
     if resume is not None:
         saved = TrainConfig.from_dict(load_checkpoint_file(resume)["config"])
         saved.epochs, saved.time_limit = config.epochs, config.time_limit
+        saved.patience = config.patience
         config = saved
     if val is None and config.val_fraction > 0:
         data, val = split_by_class(data, config.val_fraction, config.seed)
