@@ -49,11 +49,17 @@ def main(argv: list[str] | None = None) -> int:
         help="training time budget (no epoch starts that would overrun)",
     )
     ap.add_argument("--epochs", type=int, default=100)
-    ap.add_argument("--max-tuples", type=int, default=40)
-    ap.add_argument("--pool-size", type=int, default=300)
+    ap.add_argument(
+        "--patience",
+        type=int,
+        default=None,
+        help="stop after this many epochs without a better validation mAP",
+    )
+    ap.add_argument("--max-tuples", type=int, default=200)
+    ap.add_argument("--pool-size", type=int, default=500)
     ap.add_argument("--negatives", type=int, default=5)
     ap.add_argument("--batch", type=int, default=5)
-    ap.add_argument("--lr", type=float, default=5e-5)
+    ap.add_argument("--lr", type=float, default=2e-5)
     ap.add_argument("--loss", default="contrastive")
     ap.add_argument("--margin", type=float, default=1.0)
     ap.add_argument("--freeze", type=float, default=0.4)
@@ -95,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
         keep="best",
         time_limit=args.minutes * 60,
+        patience=args.patience,
     )
     data = load_train_data(args.train)
     print(f"training on {len(data)} images of {len(data.classes)} classes: {config}", flush=True)

@@ -4,7 +4,11 @@ Part 1, end-to-end images/s on gpr-mini (EfficientNet-Lite0, GeM, 224 squash, ba
 of 32), every method measured in the same run, round-robin, ``--repeats`` times; the
 medians and their ratios to the naive loop are reported:
 
-- ``naive``: one process: Pillow open + convert + resize, torch eager, batches of 32;
+- ``naive``: one process: Pillow open + convert + resize, torch eager, batches of 32,
+  run in a child process with glibc's default malloc settings (what a user's script gets);
+- ``naive, tuned malloc``: the same loop in this process, after
+  :func:`cbir.allocator.tune_allocator` (as every in-process method here): without it
+  torch spends more time page-faulting activation buffers than convolving;
 - ``torch``: :func:`cbir.extract.extract` with ``engine="torch"`` (decode workers);
 - ``onnx``: the same with ``engine="onnx"`` (ONNX Runtime; the export is cached first);
 - ``onnx model only``: ONNX Runtime on pre-decoded uint8 batches: the ceiling.
@@ -67,27 +71,36 @@ def _cpu_seconds() -> dict[str, float]:
 
 
 def bench_extract(args: argparse.Namespace) -> dict:
+    from cbir.allocator import tune_allocator
     from cbir.data.datasets import load_gpr_collection
     from cbir.engine import onnx_runner
     from cbir.extract import decoded_batches, default_workers, extract
     from cbir.models import build_descriptor
 
+    tune_allocator()  # every in-process method runs with it (the untuned naive: a child)
     files = load_gpr_collection(args.gpr).files
     if args.limit and args.limit < len(files):
         files = files[:: max(1, len(files) // args.limit)][: args.limit]
     desc = build_descriptor()  # efficientnet-lite0, GeM, 224 squash
     workers = default_workers() if args.workers is None else args.workers
     run_onnx = onnx_runner(desc)  # exports once (cached), outside the timings
-    stream = decoded_batches(files, desc.preprocess, batch_size=32, workers=0)
+    stream = decoded_batches(files, desc.preprocess, batch_size=args.batch_size, workers=0)
     predecoded = [a for _, a, _ in stream]
 
-    def t_naive() -> float:
+    def t_naive_tuned() -> float:
         t = time.perf_counter()
         naive_loop(desc, files)
         return time.perf_counter() - t
 
+    def t_naive() -> float:  # a fresh process, glibc defaults; its own timing of the loop
+        env = dict(os.environ, CBIR_TUNE_MALLOC="0")
+        cmd = [sys.executable, __file__, "--_naive", os.pathsep.join(map(str, files))]
+        done = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True)
+        return float(done.stdout.strip().splitlines()[-1])
+
     def t_engine(engine: str) -> float:
-        res = extract(desc, files, engine=engine, workers=workers, progress=False)
+        res = extract(desc, files, engine=engine, workers=workers, batch_size=args.batch_size,
+                      progress=False)
         assert not res.failures
         return res.seconds
 
@@ -97,7 +110,8 @@ def bench_extract(args: argparse.Namespace) -> dict:
             run_onnx(batch)
         return time.perf_counter() - t
 
-    methods = {"naive": t_naive, "torch": lambda: t_engine("torch"),
+    methods = {"naive": t_naive, "naive, tuned malloc": t_naive_tuned,
+               "torch": lambda: t_engine("torch"),
                "onnx": lambda: t_engine("onnx"), "onnx model only": t_ceiling}
     times: dict[str, list[float]] = {m: [] for m in methods}
     cpu: dict[str, list[dict[str, float]]] = {m: [] for m in methods}
@@ -109,22 +123,48 @@ def bench_extract(args: argparse.Namespace) -> dict:
             used = {k: after[k] - before[k] for k in after}
             cpu[name].append(used)
             rate = len(files) / times[name][-1]
-            print(f"  repeat {rep + 1}: {name:16s} {rate:8.1f} img/s   "
+            print(f"  repeat {rep + 1}: {name:20s} {rate:8.1f} img/s   "
                   f"cpu user {used['user']:6.1f} s  sys {used['sys']:5.1f} s", flush=True)
     rates = {m: [len(files) / t for t in ts] for m, ts in times.items()}
     med = {m: statistics.median(r) for m, r in rates.items()}
     out = {
         "images": len(files), "workers": workers, "repeats": args.repeats,
+        "batch_size": args.batch_size,
         "images_per_second": rates, "median_images_per_second": med,
         "ratio_to_naive": {m: med[m] / med["naive"] for m in med},
         "cpu_seconds": cpu,
         "onnx_fraction_of_ceiling": med["onnx"] / med["onnx model only"],
     }
     print(f"\nend to end on {len(files)} gpr-mini images, medians of {args.repeats}:")
-    print(f"{'method':18s} {'img/s':>8s} {'x naive':>8s}")
+    out["ratio_to_naive_tuned"] = {m: med[m] / med["naive, tuned malloc"] for m in med}
+    print(f"{'method':22s} {'img/s':>8s} {'x naive':>8s} {'x tuned naive':>14s}")
     for m in methods:
-        print(f"{m:18s} {med[m]:8.1f} {out['ratio_to_naive'][m]:8.2f}")
+        print(f"{m:22s} {med[m]:8.1f} {out['ratio_to_naive'][m]:8.2f} "
+              f"{out['ratio_to_naive_tuned'][m]:14.2f}")
     print(f"onnx end to end = {out['onnx_fraction_of_ceiling']:.0%} of the model-only ceiling")
+    if args.ceiling_batches:
+        out["model_only_by_batch"] = model_only_by_batch(
+            run_onnx, predecoded, [int(b) for b in args.ceiling_batches.split(",")], args.repeats
+        )
+    return out
+
+
+def model_only_by_batch(run_onnx, predecoded: list[np.ndarray], sizes: list[int],
+                        repeats: int) -> dict[str, float]:
+    """ONNX Runtime on the same pre-decoded images cut into batches of each size (median
+    img/s over ``repeats``): where the per-image cost of the graph is lowest."""
+    images = np.concatenate(predecoded)
+    out = {}
+    for b in sizes:
+        rates = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            for s in range(0, len(images), b):
+                run_onnx(images[s : s + b])
+            rates.append(len(images) / (time.perf_counter() - t))
+        out[str(b)] = statistics.median(rates)
+        print(f"  onnx model only, batch {b:3d}: {out[str(b)]:7.1f} img/s "
+              f"({1000 / out[str(b)]:.1f} ms per image)", flush=True)
     return out
 
 
@@ -203,6 +243,9 @@ def main() -> None:
     ap.add_argument("--gpr", default=str(ROOT.parent / "shared/datasets/gpr-mini"))
     ap.add_argument("--limit", type=int, default=1024, help="images spread over gpr-mini; 0: all")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--batch-size", type=int, default=32, help="batch of the engines (naive: 32)")
+    ap.add_argument("--ceiling-batches", default="1,8,16,32,64",
+                    help="batch sizes for the model-only sweep ('' to skip)")
     ap.add_argument("--workers", type=int, default=None, help="decode workers (default: cores - 1)")
     ap.add_argument("--eval-sizes", default="12000,100000")
     ap.add_argument("--full-max", type=int, default=12000, help="largest N for the full sort")
@@ -211,7 +254,20 @@ def main() -> None:
     ap.add_argument("--skip-eval", action="store_true")
     ap.add_argument("--out", default=str(ROOT / "bench/results/speed.json"))
     ap.add_argument("--_eval", help=argparse.SUPPRESS)
+    ap.add_argument("--_naive", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args._naive:
+        import torch
+
+        from cbir.models import build_descriptor
+
+        torch.set_num_threads(len(os.sched_getaffinity(0)))
+        desc = build_descriptor()
+        files = [Path(f) for f in args._naive.split(os.pathsep)]
+        t = time.perf_counter()
+        naive_loop(desc, files)
+        print(time.perf_counter() - t)
+        return
     if args._eval:
         n, dim, method = args._eval.split(",")
         eval_child(int(n), int(dim), method)
