@@ -297,7 +297,11 @@ def test_hnsw_and_ivf_types(tmp_path: Path, image_dir: Path, tiny_file: Path) ->
         sims = x @ l2n(q)
         hits = idx.search(q, k=5, nprobe=3)  # all lists visited: exact up to float ties
         np.testing.assert_allclose([h.score for h in hits], np.sort(sims)[::-1][:5], atol=1e-5)
-        assert {h.id for h in hits} == set(ids[np.argsort(-sims)[:5]].tolist())
+        # the same five as exact search; images whose scores tie with the fifth (the tiny
+        # random model makes some near-identical vectors) may come in either order
+        fifth = np.sort(sims)[::-1][4]
+        got = {h.id for h in hits}
+        assert set(ids[sims > fifth + 1e-5].tolist()) <= got <= set(ids[sims >= fifth - 1e-5].tolist())
         assert idx.stats()["trained"] is True
     # switching type on an existing index re-indexes stored vectors, reads no image
     with Index.open(tmp_path / "ivf", factory="Flat") as idx:
