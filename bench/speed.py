@@ -62,6 +62,16 @@ def naive_loop(desc, files: list[Path], batch_size: int = 32) -> np.ndarray:
     return np.concatenate(out)
 
 
+def bench_files(gpr: str, limit: int) -> list[Path]:
+    """``limit`` gpr-mini images spread evenly over the collection (0: all of them)."""
+    from cbir.data.datasets import load_gpr_collection
+
+    files = load_gpr_collection(gpr).files
+    if limit and limit < len(files):
+        files = files[:: max(1, len(files) // limit)][:limit]
+    return files
+
+
 def _cpu_seconds() -> dict[str, float]:
     """User and system CPU time of this process and its finished children (the decode
     workers): system time is where thread oversubscription shows."""
@@ -72,15 +82,12 @@ def _cpu_seconds() -> dict[str, float]:
 
 def bench_extract(args: argparse.Namespace) -> dict:
     from cbir.allocator import tune_allocator
-    from cbir.data.datasets import load_gpr_collection
     from cbir.engine import onnx_runner
     from cbir.extract import decoded_batches, default_workers, extract
     from cbir.models import build_descriptor
 
     tune_allocator()  # every in-process method runs with it (the untuned naive: a child)
-    files = load_gpr_collection(args.gpr).files
-    if args.limit and args.limit < len(files):
-        files = files[:: max(1, len(files) // args.limit)][: args.limit]
+    files = bench_files(args.gpr, args.limit)
     desc = build_descriptor()  # efficientnet-lite0, GeM, 224 squash
     workers = default_workers() if args.workers is None else args.workers
     run_onnx = onnx_runner(desc)  # exports once (cached), outside the timings
@@ -94,7 +101,8 @@ def bench_extract(args: argparse.Namespace) -> dict:
 
     def t_naive() -> float:  # a fresh process, glibc defaults; its own timing of the loop
         env = dict(os.environ, CBIR_TUNE_MALLOC="0")
-        cmd = [sys.executable, __file__, "--_naive", os.pathsep.join(map(str, files))]
+        # the child selects the same files itself (a path list would overflow argv at --limit 0)
+        cmd = [sys.executable, __file__, "--_naive", "--gpr", args.gpr, "--limit", str(args.limit)]
         done = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True)
         return float(done.stdout.strip().splitlines()[-1])
 
@@ -254,7 +262,7 @@ def main() -> None:
     ap.add_argument("--skip-eval", action="store_true")
     ap.add_argument("--out", default=str(ROOT / "bench/results/speed.json"))
     ap.add_argument("--_eval", help=argparse.SUPPRESS)
-    ap.add_argument("--_naive", help=argparse.SUPPRESS)
+    ap.add_argument("--_naive", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args._naive:
         import torch
@@ -263,7 +271,7 @@ def main() -> None:
 
         torch.set_num_threads(len(os.sched_getaffinity(0)))
         desc = build_descriptor()
-        files = [Path(f) for f in args._naive.split(os.pathsep)]
+        files = bench_files(args.gpr, args.limit)
         t = time.perf_counter()
         naive_loop(desc, files)
         print(time.perf_counter() - t)

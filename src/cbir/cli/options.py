@@ -79,35 +79,6 @@ def parse_scales(text: str | None) -> list[float] | None:
     return out or None
 
 
-def make_descriptor(
-    model: str,
-    *,
-    weights: Path | None = None,
-    pooling: str | None = None,
-    scales: str | None = None,
-    whiten: Path | None = None,
-    image_size: int | None = None,
-    resize: str | None = None,
-    crop: int | None = None,
-    token: str = "patch",
-) -> Descriptor:
-    """Build the descriptor the options describe, turning API errors into CLI errors."""
-    try:
-        return build_descriptor(
-            model,
-            pooling=pooling,
-            scales=parse_scales(scales),
-            whitening=whiten,
-            weights=weights,
-            token=token,
-            image_size=image_size,
-            resize=resize,
-            crop=crop,
-        )
-    except (ValueError, RuntimeError, FileNotFoundError) as exc:
-        raise typer.BadParameter(str(exc)) from exc
-
-
 # ----------------------------------------------------------------------------------------
 # option objects and the decorators that declare them on a command
 # ----------------------------------------------------------------------------------------
@@ -137,10 +108,14 @@ class DescriptorOptions:
     def build(self, **overrides: Any) -> Descriptor:
         """The descriptor (``overrides`` replace options, e.g. a command's own defaults)."""
         o = dataclasses.replace(self, **overrides) if overrides else self
-        return make_descriptor(
-            o.model or DEFAULT_BACKBONE, weights=o.weights, pooling=o.pooling, scales=o.scales,
-            whiten=o.whiten, image_size=o.image_size, resize=o.resize, crop=o.crop, token=o.token,
-        )  # fmt: skip
+        try:
+            return build_descriptor(
+                o.model or DEFAULT_BACKBONE, pooling=o.pooling, scales=parse_scales(o.scales),
+                whitening=o.whiten, weights=o.weights, token=o.token, image_size=o.image_size,
+                resize=o.resize, crop=o.crop,
+            )  # fmt: skip
+        except (ValueError, RuntimeError, FileNotFoundError) as exc:  # API errors -> CLI errors
+            raise typer.BadParameter(str(exc)) from exc
 
 
 @dataclass(frozen=True)

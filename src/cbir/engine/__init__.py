@@ -100,17 +100,18 @@ def onnx_runner(
         raise EngineUnavailable(f"cannot load {path} ({exc}); delete it to re-export") from exc
     descriptor.eval()
     size = tuple(info.input_size) if info.input_size else None
-    other_sizes: list[Runner] = []
+    fallback: Runner | None = None
 
     def run(batch: np.ndarray) -> np.ndarray:
+        nonlocal fallback
         if size is not None and tuple(batch.shape[1:3]) != size:
             # a fixed-size graph and an image of another size (the resize policy always
             # gives `size`, so only a caller passing its own arrays gets here): torch
-            if not other_sizes:
+            if fallback is None:
                 from cbir.extract import torch_runner
 
-                other_sizes.append(torch_runner(descriptor))
-            return other_sizes[0](batch)
+                fallback = torch_runner(descriptor)
+            return fallback(batch)
         return run_session(session, descriptor, batch)
 
     run.engine = "onnx"  # type: ignore[attr-defined]

@@ -284,12 +284,16 @@ class ExportInfo:
     key: str
     kind: str
     usable: bool
-    dynamic_size: bool
     min_cosine: float
     checked_shapes: list[list[int]]
     reason: str = ""
     #: [height, width] of a fixed-size graph (None: height and width are dynamic)
     input_size: list[int] | None = None
+
+    @property
+    def dynamic_size(self) -> bool:
+        """A usable graph that takes any height and width."""
+        return self.usable and self.input_size is None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)
@@ -405,7 +409,7 @@ def export_onnx(descriptor: Descriptor, path: str | os.PathLike) -> ExportInfo:
         "this backbone's graph does not follow the input size"
     )
     info = ExportInfo(
-        key=path.stem, kind=kind, usable=usable, dynamic_size=dynamic and usable,
+        key=path.stem, kind=kind, usable=usable,
         min_cosine=worst, checked_shapes=checked, reason=reason,
         input_size=None if dynamic else [shapes[0][1], shapes[0][2]],
     )

@@ -577,12 +577,13 @@ class Index:
             paths_or_ids = [paths_or_ids]
         with self._mutating():
             ids: set[int] = set()
+            roots = set(self.roots)  # one query, not one per item
             for item in paths_or_ids:
                 if isinstance(item, (int, np.integer)):
                     ids.add(int(item))
                     continue
                 p = _abspath(item)
-                if p in self.roots:
+                if p in roots:
                     with self.catalog.write() as con:
                         con.execute("DELETE FROM roots WHERE path = ?", (p,))
                 rows = self.catalog.con.execute(
