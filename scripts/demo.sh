@@ -8,7 +8,8 @@ images=${1:-../shared/datasets/gpr-mini/images}
 db=${2:-.cbir}
 bash scripts/setup.sh
 .venv/bin/cbir index "$images" --db "$db"
-query=$(find "$images" -type f \( -iname '*.jpg' -o -iname '*.png' \) | sort | head -n 1)
+# sed reads to the end (head would close the pipe early: SIGPIPE, fatal under pipefail)
+query=$(find "$images" -type f \( -iname '*.jpg' -o -iname '*.png' \) | sort | sed -n 1p)
 echo "searching for the images most like $query"
 .venv/bin/cbir search "$query" --db "$db" --k 10
 .venv/bin/cbir stats --db "$db"
