@@ -65,6 +65,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--freeze", type=float, default=0.4)
     ap.add_argument("--image-size", type=int, default=None)
     ap.add_argument("--val-fraction", type=float, default=0.1)
+    ap.add_argument(
+        "--no-stratify",
+        dest="stratify",
+        action="store_false",
+        help="draw validation classes from all roots at once (pooled validation mAP)",
+    )
+    ap.add_argument("--sampling", choices=["image", "class"], default="image")
+    ap.add_argument("--augment", action="store_true", help="random crop + flip of training images")
     ap.add_argument("--whiten", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
@@ -97,6 +105,9 @@ def main(argv: list[str] | None = None) -> int:
         freeze=args.freeze,
         image_size=args.image_size,
         val_fraction=args.val_fraction,
+        stratify=args.stratify,
+        sampling=args.sampling,
+        augment=args.augment,
         whiten=args.whiten,
         seed=args.seed,
         keep="best",

@@ -11,6 +11,7 @@ import torch
 from conftest import dataset_or_skip, make_image
 from typer.testing import CliRunner
 
+from cbir.eval.gpr1200 import evaluate_labelled
 from cbir.models import Descriptor, build_descriptor
 from cbir.train import (
     TrainConfig,
@@ -24,10 +25,12 @@ from cbir.train import (
     load_train_data,
     mine_epoch,
     nearest_other_class,
+    sample_queries,
     split_by_class,
     train,
     triplet_loss,
 )
+from cbir.train.augment import CROP_AREA, CROP_RATIO, augment_array, crop_box
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -175,6 +178,66 @@ def test_several_roots_keep_classes_apart(tmp_path: Path) -> None:
     assert data.classes == ["a/class0", "a/class1", "b/class0", "b/class1"]
 
 
+def test_stratified_split_holds_out_classes_of_every_root(tmp_path: Path) -> None:
+    big = make_classes(tmp_path / "big", n_classes=20, per_class=2)
+    small = make_classes(tmp_path / "small", n_classes=6, per_class=2)
+    data = load_train_data([big, small])
+    assert data.domains().keys() == {"big", "small"}
+    for seed in range(5):
+        tr, va = split_by_class(data, 0.2, seed=seed)
+        held = {data.classes[lab].split("/")[0] for lab in np.unique(va.labels)}
+        assert held == {"big", "small"}  # 4 of big, 1 of small: never a root left out
+        assert len(np.unique(va.labels)) == 5
+        assert set(tr.labels.tolist()).isdisjoint(va.labels.tolist())
+        assert va.class_domains == data.class_domains  # the subsets still know the roots
+
+
+def test_one_root_split_is_unchanged_by_stratification(tmp_path: Path) -> None:
+    data = load_train_data([make_classes(tmp_path / "d", n_classes=12, per_class=2)])
+    for seed in range(3):
+        a = split_by_class(data, 0.25, seed=seed)[1]
+        b = split_by_class(data, 0.25, seed=seed, stratify=False)[1]
+        assert a.labels.tolist() == b.labels.tolist()
+
+
+def test_class_sampling_draws_every_class_equally(tmp_path: Path) -> None:
+    files = [Path(f"{i}.jpg") for i in range(30 + 5 * 3)]
+    labels = [0] * 30 + [c for c in range(1, 6) for _ in range(3)]  # one big class, five small
+    data = TrainData(files=files, labels=np.array(labels), classes=[str(c) for c in range(6)])
+    rng = np.random.default_rng(0)
+    q, p = sample_queries(data, 6 * 4, rng, sampling="class")
+    assert np.bincount(data.labels[q], minlength=6).tolist() == [4] * 6
+    assert (data.labels[p] == data.labels[q]).all() and (p != q).all()
+    q_img, _ = sample_queries(data, 6 * 4, np.random.default_rng(0), sampling="image")
+    assert np.bincount(data.labels[q_img], minlength=6)[0] > 4  # by image, the big class dominates
+    with pytest.raises(ValueError, match="sampling"):
+        sample_queries(data, 4, rng, sampling="domain")
+
+
+def test_augmentation_crops_and_keeps_the_shape() -> None:
+    g = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        top, left, h, w = crop_box(60, 80, g)
+        assert 0 <= top and top + h <= 60 and 0 <= left and left + w <= 80
+        assert CROP_AREA[0] - 0.02 <= h * w / (60 * 80) <= CROP_AREA[1]
+        assert CROP_RATIO[0] - 0.05 <= w / h <= CROP_RATIO[1] + 0.05
+    img = np.random.default_rng(1).integers(0, 256, size=(48, 64, 3), dtype=np.uint8)
+    img.flags.writeable = False  # as the image cache hands them out
+    a = augment_array(img, torch.Generator().manual_seed(5))
+    b = augment_array(img, torch.Generator().manual_seed(5))
+    c = augment_array(img, torch.Generator().manual_seed(6))
+    assert a.shape == img.shape and a.dtype == np.uint8
+    assert np.array_equal(a, b) and not np.array_equal(a, c) and not np.array_equal(a, img)
+
+
+def test_legacy_checkpoint_config_keeps_its_validation_split() -> None:
+    saved = TrainConfig(model="m").to_dict()
+    assert TrainConfig.from_dict(saved).stratify is True
+    del saved["stratify"], saved["sampling"], saved["augment"]  # written before they existed
+    old = TrainConfig.from_dict(saved)
+    assert old.stratify is False and old.sampling == "image" and old.augment is False
+
+
 # -- model and optimizer ---------------------------------------------------------------------------
 def test_gem_p_is_learned_with_ten_times_the_rate_and_no_weight_decay(
     tiny_model_file: Path,
@@ -246,6 +309,42 @@ def test_resumed_run_ends_where_an_uninterrupted_one_ends(
     # and training did change the weights
     start = build_training_descriptor(tiny_config(tiny_model_file)).state_dict()
     assert any(not torch.equal(start[k], a[k]) for k in a)
+
+
+def test_resume_is_exact_with_augmentation_and_class_sampling(
+    tiny_model_file: Path, class_dir: Path, tmp_path: Path
+) -> None:
+    data = load_train_data([class_dir])
+    kw = dict(augment=True, sampling="class")
+    full = train(tiny_config(tiny_model_file, epochs=2, **kw), data, progress=False)
+    ckpt = tmp_path / "ckpt"
+    train(tiny_config(tiny_model_file, epochs=1, **kw), data, checkpoint_dir=ckpt, progress=False)
+    resumed = train(
+        tiny_config(tiny_model_file, epochs=2, **kw), data, resume=ckpt / "last.pt", progress=False
+    )
+    assert full.descriptor.weights_digest() == resumed.descriptor.weights_digest()
+    plain = train(tiny_config(tiny_model_file, epochs=2), data, progress=False)
+    assert plain.descriptor.weights_digest() != full.descriptor.weights_digest()
+
+
+def test_validation_is_the_mean_over_roots(tiny_model_file: Path, tmp_path: Path) -> None:
+    a = make_classes(tmp_path / "a", n_classes=3, per_class=3)
+    b = make_classes(tmp_path / "b", n_classes=3, per_class=3)
+    val = load_train_data([a, b])
+    train_data = load_train_data([make_classes(tmp_path / "t", n_classes=3, per_class=3)])
+    trainer = Trainer(tiny_config(tiny_model_file), train_data, val, progress=False)
+    score = trainer.validate()
+    feats = trainer.embed(val, np.arange(len(val)), trainer.infer_pre)
+    per_root = {}
+    for name in ("a", "b"):
+        rows = np.array([i for i, f in enumerate(val.files) if f.parent.parent.name == name])
+        per_root[name] = evaluate_labelled(feats[rows], val.labels[rows]).mAP
+    assert trainer.last_val_domains == pytest.approx(per_root)
+    assert score == pytest.approx((per_root["a"] + per_root["b"]) / 2)
+    pooled = Trainer(
+        tiny_config(tiny_model_file, stratify=False), train_data, val, progress=False
+    ).validate()
+    assert pooled == pytest.approx(evaluate_labelled(feats, val.labels).mAP)
 
 
 def test_same_seed_same_model_other_seed_differs(tiny_model_file: Path, class_dir: Path) -> None:
@@ -321,6 +420,9 @@ def test_cli_train_writes_a_model_the_bench_loads(
         "1e-4",
         "--val-fraction",
         "0.4",
+        "--sampling",
+        "class",
+        "--augment",
         "--out",
         str(out),
         "-q",
@@ -328,13 +430,16 @@ def test_cli_train_writes_a_model_the_bench_loads(
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
     assert "kept epoch" in res.output
-    assert Descriptor.load(out).meta["trained"]["config"]["max_tuples"] == 3
+    saved = Descriptor.load(out).meta["trained"]["config"]
+    assert saved["max_tuples"] == 3 and saved["sampling"] == "class" and saved["augment"] is True
     assert (tmp_path / "out.ckpt" / "last.pt").is_file()
 
     res = CliRunner().invoke(app, ["train", str(tmp_path / "nope"), "--out", str(out), "-q"])
     assert res.exit_code == 2 and "no such folder" in res.output
     res = CliRunner().invoke(app, [*args[:-3], "--loss", "hinge", "--out", str(out), "-q"])
     assert res.exit_code == 2 and "unknown loss" in res.output
+    res = CliRunner().invoke(app, [*args[:-3], "--sampling", "domain", "--out", str(out), "-q"])
+    assert res.exit_code == 2 and "unknown sampling" in res.output
 
 
 @pytest.mark.slow

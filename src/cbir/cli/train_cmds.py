@@ -89,6 +89,28 @@ def train_cmd(
         float,
         typer.Option("--val-fraction", help="Share of classes held out when no --val (0: none)."),
     ] = 0.1,
+    stratify: Annotated[
+        bool,
+        typer.Option(
+            "--stratify/--no-stratify",
+            help="With several DATA roots: hold out classes of each root and average the "
+            "validation mAP over roots (else one pooled draw and score).",
+        ),
+    ] = True,
+    sampling: Annotated[
+        str,
+        typer.Option(
+            "--sampling",
+            help="Queries drawn uniformly over 'image's (Radenovic et al.) or over 'class'es.",
+        ),
+    ] = "image",
+    augment: Annotated[
+        bool,
+        typer.Option(
+            "--augment/--no-augment",
+            help="Random crop (50-100% of the area) and flip of each training image.",
+        ),
+    ] = False,
     keep: Annotated[
         str,
         typer.Option("--keep", help="Output the 'best' epoch by validation mAP, or the 'last'."),
@@ -149,6 +171,9 @@ def train_cmd(
             freeze_bn=freeze_bn,
             freeze=freeze,
             val_fraction=0.0 if val is not None else val_fraction,
+            stratify=stratify,
+            sampling=sampling,
+            augment=augment,
             seed=seed,
             whiten=whiten,
             whiten_dim=whiten_dim,

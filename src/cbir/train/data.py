@@ -46,6 +46,9 @@ class TrainData:
     classes: list[str]
     pairs: np.ndarray | None = None  # M x 2 indices into files
     source: str = ""
+    #: domain of each class (the root folder it came from when several roots are given);
+    #: ``None`` = one domain. Validation holds out classes of every domain and scores each.
+    class_domains: list[str] | None = None
     _members: dict[int, np.ndarray] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -54,6 +57,8 @@ class TrainData:
             raise TrainDataError(f"{len(self.files)} files but {len(self.labels)} labels")
         if self.pairs is not None:
             self.pairs = np.asarray(self.pairs, dtype=np.int64).reshape(-1, 2)
+        if self.class_domains is not None and len(self.class_domains) != len(self.classes):
+            raise TrainDataError(f"{len(self.class_domains)} class domains for {len(self.classes)} classes")
         order = np.argsort(self.labels, kind="stable")
         uniq, starts = np.unique(self.labels[order], return_index=True)
         ends = list(starts[1:]) + [len(order)]
@@ -65,6 +70,16 @@ class TrainData:
     def members(self, label: int) -> np.ndarray:
         """Indices of the images of one cluster."""
         return self._members.get(int(label), np.zeros(0, np.int64))
+
+    def domains(self) -> dict[str, np.ndarray]:
+        """Domain name -> the labels (class indices) present in this data, in label order."""
+        present = np.unique(self.labels)
+        if self.class_domains is None:
+            return {"": present}
+        out: dict[str, list[int]] = {}
+        for lab in present:
+            out.setdefault(self.class_domains[int(lab)], []).append(int(lab))
+        return {d: np.array(labs, dtype=np.int64) for d, labs in out.items()}
 
     def query_candidates(self) -> np.ndarray:
         """Indices that can serve as a query: those with at least one positive."""
@@ -99,6 +114,7 @@ class TrainData:
             classes=self.classes,
             pairs=pairs,
             source=self.source,
+            class_domains=self.class_domains,
         )
 
 
@@ -107,11 +123,13 @@ def load_class_roots(roots: Sequence[str | os.PathLike]) -> TrainData:
     files: list[Path] = []
     labels: list[int] = []
     classes: list[str] = []
+    domains: list[str] = []
     for root in roots:
         data = load_class_folders(root)
         offset = len(classes)
         prefix = Path(root).name
         classes.extend(f"{prefix}/{c}" if len(roots) > 1 else c for c in data.classes)
+        domains.extend([prefix] * len(data.classes))
         files.extend(data.files)
         labels.extend(offset + lab for lab in data.labels)
     return TrainData(
@@ -119,6 +137,7 @@ def load_class_roots(roots: Sequence[str | os.PathLike]) -> TrainData:
         labels=np.array(labels),
         classes=classes,
         source=",".join(map(os.fspath, roots)),
+        class_domains=domains if len(roots) > 1 else None,
     )
 
 
@@ -140,18 +159,14 @@ def load_pairs_csv(path: str | os.PathLike) -> TrainData:
             if not row or all(not c.strip() for c in row):
                 continue
             if len(row) < 3:
-                raise TrainDataError(
-                    f"{path}:{lineno}: expected query,positive,cluster; got {row!r}"
-                )
+                raise TrainDataError(f"{path}:{lineno}: expected query,positive,cluster; got {row!r}")
             q, p, cluster = (c.strip() for c in row[:3])
             try:
                 cid = int(cluster)
             except ValueError:
                 if lineno == 1:
                     continue  # header
-                raise TrainDataError(
-                    f"{path}:{lineno}: cluster id {cluster!r} is not an integer"
-                ) from None
+                raise TrainDataError(f"{path}:{lineno}: cluster id {cluster!r} is not an integer") from None
             ids = []
             for name in (q, p):
                 f = (base / name) if not Path(name).is_absolute() else Path(name)
@@ -161,9 +176,7 @@ def load_pairs_csv(path: str | os.PathLike) -> TrainData:
                     index[f] = len(labels)
                     labels.append(cid)
                 elif labels[index[f]] != cid:
-                    raise TrainDataError(
-                        f"{path}:{lineno}: {f} is in clusters {labels[index[f]]} and {cid}"
-                    )
+                    raise TrainDataError(f"{path}:{lineno}: {f} is in clusters {labels[index[f]]} and {cid}")
                 ids.append(index[f])
             if ids[0] == ids[1]:
                 raise TrainDataError(f"{path}:{lineno}: query and positive are the same image")
@@ -196,23 +209,41 @@ def load_train_data(sources: Sequence[str | os.PathLike]) -> TrainData:
         raise TrainDataError(str(exc)) from exc
 
 
-def split_by_class(data: TrainData, fraction: float, seed: int) -> tuple[TrainData, TrainData]:
+def split_by_class(
+    data: TrainData, fraction: float, seed: int, *, stratify: bool = True
+) -> tuple[TrainData, TrainData]:
     """Hold out whole classes (not images) for validation.
 
     The validation score then measures retrieval of *unseen* classes, which is what a
-    general-purpose descriptor is for and what GPR1200-style benchmarks test.
+    general-purpose descriptor is for and what GPR1200-style benchmarks test. With
+    ``stratify`` and several domains (class-folder roots), ``fraction`` of *each* domain's
+    classes is held out, so a small domain is not left out of validation by chance (one
+    domain's 4 classes among 9 drawn from all would often be 1 or 0). With one domain, or
+    ``stratify=False``, the classes are drawn from all at once (the behaviour of runs
+    made before stratification existed).
     """
     if not 0 < fraction < 1:
         raise TrainDataError("validation fraction must be between 0 and 1")
-    uniq = np.unique(data.labels)
-    usable = np.array([u for u in uniq if len(data.members(u)) >= 2])
-    n_val = int(round(fraction * len(uniq)))
-    n_val = max(2, min(n_val, len(usable) - 2))
-    if len(usable) < 4 or n_val < 2:
-        raise TrainDataError("too few classes to hold some out for validation: give --val DIR")
     rng = np.random.default_rng(seed)
-    val_labels = set(rng.choice(usable, size=n_val, replace=False).tolist())
-    is_val = np.isin(data.labels, list(val_labels))
+    domains = data.domains()
+    if not stratify or len(domains) == 1:
+        domains = {"": np.unique(data.labels)}
+        minimum = 2
+    else:
+        minimum = 1
+    val_labels: list[int] = []
+    for labs in domains.values():
+        usable = np.array([u for u in labs if len(data.members(u)) >= 2], dtype=np.int64)
+        n_val = int(round(fraction * len(labs)))
+        n_val = max(minimum, min(n_val, len(usable) - 2))
+        if len(usable) < 4 or n_val < minimum:
+            if minimum == 1:  # a tiny domain: train on all of it
+                continue
+            raise TrainDataError("too few classes to hold some out for validation: give --val DIR")
+        val_labels.extend(rng.choice(usable, size=n_val, replace=False).tolist())
+    if len(val_labels) < 2:
+        raise TrainDataError("too few classes to hold some out for validation: give --val DIR")
+    is_val = np.isin(data.labels, val_labels)
     return data.subset(np.flatnonzero(~is_val)), data.subset(np.flatnonzero(is_val))
 
 
@@ -234,9 +265,7 @@ class ImageCache:
         arr = self._store.get(key)
         if arr is None:
             try:
-                img = load_image(
-                    path, max_pixels=self.max_pixels, target_size=preprocess.resized_size
-                )
+                img = load_image(path, max_pixels=self.max_pixels, target_size=preprocess.resized_size)
             except DecodeError as exc:
                 raise TrainDataError(f"cannot use training image: {exc}") from exc
             arr = preprocess.to_array(img)

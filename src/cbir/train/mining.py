@@ -71,16 +71,34 @@ class EpochTuples:
         return len(self.queries)
 
 
+SAMPLINGS = ("image", "class")
+
+
 def sample_queries(
-    data: TrainData, n: int, rng: np.random.Generator
+    data: TrainData, n: int, rng: np.random.Generator, sampling: str = "image"
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``n`` random queries (without replacement while possible) and a positive for each."""
+    """``n`` random queries and a positive for each.
+
+    ``sampling="image"`` draws query images uniformly (without replacement while
+    possible), as Radenovic et al. do, so a class is trained on in proportion to its size.
+    ``"class"`` draws a class uniformly (every class once before any twice), then one of its
+    images: small classes, and domains made of small classes, are not crowded out by big ones.
+    """
+    if sampling not in SAMPLINGS:
+        raise ValueError(f"unknown sampling {sampling!r}: choose from {list(SAMPLINGS)}")
     cands = data.query_candidates()
     if cands.size == 0:
         raise TrainDataError("no image has a positive: every class needs at least two images")
     if n <= 0:
         raise ValueError("the number of tuples must be positive")
-    queries = rng.choice(cands, size=n, replace=n > cands.size)
+    if sampling == "image":
+        queries = rng.choice(cands, size=n, replace=n > cands.size)
+    else:
+        cand_labels = data.labels[cands]
+        classes = np.unique(cand_labels)
+        reps = -(-n // len(classes))  # whole rounds over the classes, each round shuffled
+        drawn = np.concatenate([rng.permutation(classes) for _ in range(reps)])[:n]
+        queries = np.array([rng.choice(cands[cand_labels == c]) for c in drawn], dtype=np.int64)
     positives = np.array([data.sample_positive(int(q), rng) for q in queries], dtype=np.int64)
     return queries.astype(np.int64), positives
 
@@ -93,23 +111,20 @@ def mine_epoch(
     n_negatives: int,
     pool_size: int,
     rng: np.random.Generator,
+    sampling: str = "image",
 ) -> EpochTuples:
     """Draw this epoch's queries and positives, describe them and a random pool with the
     current model (``embed``) and pick each query's hard negatives from the pool."""
-    queries, positives = sample_queries(data, n_tuples, rng)
+    queries, positives = sample_queries(data, n_tuples, rng, sampling)
     pool = np.sort(rng.choice(len(data), size=min(pool_size, len(data)), replace=False))
     uq, q_inverse = np.unique(queries, return_inverse=True)
     need = np.union1d(uq, pool)
     vecs = np.asarray(embed(need), dtype=np.float32)
     row = np.full(len(data), -1, dtype=np.int64)
     row[need] = np.arange(len(need))
-    picks = nearest_other_class(
-        vecs[row[uq]], data.labels[uq], vecs[row[pool]], data.labels[pool], n_negatives
-    )
+    picks = nearest_other_class(vecs[row[uq]], data.labels[uq], vecs[row[pool]], data.labels[pool], n_negatives)
     negatives = np.where(picks >= 0, pool[np.maximum(picks, 0)], -1)[q_inverse]
     qi, ki = np.nonzero(negatives >= 0)
     sims = np.sum(vecs[row[queries[qi]]] * vecs[row[negatives[qi, ki]]], axis=1)
     mean_sim = float(sims.mean()) if sims.size else float("nan")
-    return EpochTuples(
-        queries=queries, positives=positives, negatives=negatives, mean_negative_similarity=mean_sim
-    )
+    return EpochTuples(queries=queries, positives=positives, negatives=negatives, mean_negative_similarity=mean_sim)

@@ -38,9 +38,10 @@ from cbir.models.backbones import DEFAULT_BACKBONE
 from cbir.models.descriptor import Descriptor, build_descriptor
 from cbir.models.pooling import build_pooling, parse_pooling
 from cbir.models.whitening import Whitening, fit_learned_whitening, pairs_from_labels
+from cbir.train.augment import augment_array
 from cbir.train.data import ImageCache, TrainData, TrainDataError, split_by_class
 from cbir.train.losses import DEFAULT_MARGINS, LOSSES, tuple_loss
-from cbir.train.mining import EpochTuples, mine_epoch
+from cbir.train.mining import SAMPLINGS, EpochTuples, mine_epoch
 
 CHECKPOINT_FORMAT = "cbir-train-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -70,6 +71,9 @@ class TrainConfig:
     freeze_bn: bool = True
     freeze: float = 0.0  # share of backbone weights, from the input side, kept fixed
     val_fraction: float = 0.1
+    stratify: bool = True  # hold out classes of every domain; validation = mean over domains
+    sampling: str = "image"  # queries uniform over images ('image') or over classes ('class')
+    augment: bool = False  # random crop + flip of each training image (not mining/validation)
     seed: int = 0
     whiten: bool = False
     whiten_dim: int | None = None
@@ -78,6 +82,8 @@ class TrainConfig:
     patience: int | None = None  # stop after this many epochs without a better validation mAP
 
     def __post_init__(self) -> None:
+        if self.sampling not in SAMPLINGS:
+            raise ValueError(f"unknown sampling {self.sampling!r}: choose from {list(SAMPLINGS)}")
         if self.loss not in LOSSES:
             raise ValueError(f"unknown loss {self.loss!r}: choose from {list(LOSSES)}")
         for name in ("epochs", "max_tuples", "negatives", "pool_size", "batch_size", "chunk"):
@@ -103,8 +109,16 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        """A saved configuration; a setting added after it was saved takes the value that
+        reproduces what that run did (:data:`LEGACY_DEFAULTS`), so it resumes exactly."""
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        values = {**LEGACY_DEFAULTS, **d}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+
+#: Settings whose default changed when they were introduced, with the behaviour of runs
+#: saved before: those split validation classes from all domains at once.
+LEGACY_DEFAULTS: dict[str, Any] = {"stratify": False}
 
 
 @dataclass
@@ -117,6 +131,7 @@ class EpochStats:
     seconds: float
     mining_seconds: float = 0.0
     negative_similarity: float | None = None
+    val_domains: dict[str, float] | None = None  # validation mAP of each domain
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -249,19 +264,16 @@ class Trainer:
         self.desc = build_training_descriptor(config)
         freeze_leading(self.desc, config.freeze)
         self.infer_pre = self.desc.preprocess
-        self.train_pre = (
-            self.infer_pre.override(size=config.image_size) if config.image_size else self.infer_pre
-        )
+        self.train_pre = self.infer_pre.override(size=config.image_size) if config.image_size else self.infer_pre
         self.optimizer, self.scheduler = build_optimizer(self.desc, config)
         self.loss_fn = tuple_loss(config.loss, config.margin)
         self.epoch = 0
         self.history: list[EpochStats] = []
         self.best: dict[str, Any] | None = None
+        self.last_val_domains: dict[str, float] | None = None
 
     # -- describing ------------------------------------------------------------------------
-    def embed(
-        self, data: TrainData, indices: np.ndarray, preprocess, desc_text: str = "describing"
-    ) -> np.ndarray:
+    def embed(self, data: TrainData, indices: np.ndarray, preprocess, desc_text: str = "describing") -> np.ndarray:
         """L2-normalised descriptors of ``data.files[indices]`` with the current weights."""
         self.desc.eval()
         indices = np.asarray(indices, dtype=np.int64)
@@ -284,13 +296,28 @@ class Trainer:
         return out
 
     def validate(self) -> float | None:
-        """mAP of the held-out images queried against each other (leave-one-out)."""
+        """mAP of the held-out images queried against each other (leave-one-out).
+
+        With ``stratify`` and several domains, each domain's images are scored among
+        themselves and the score is the mean over domains (as GPR1200 weighs its domains
+        equally): in one pooled ranking, a small domain whose classes are easy to tell
+        from the other domain's would barely move the score, and model selection would be
+        blind to it. The per-domain scores are kept in :attr:`last_val_domains`.
+        """
+        self.last_val_domains = None
         if self.val_data is None:
             return None
-        feats = self.embed(
-            self.val_data, np.arange(len(self.val_data)), self.infer_pre, "validating"
-        )
-        return evaluate_labelled(feats, self.val_data.labels).mAP
+        data = self.val_data
+        feats = self.embed(data, np.arange(len(data)), self.infer_pre, "validating")
+        domains = data.domains()
+        if not self.config.stratify or len(domains) == 1:
+            return evaluate_labelled(feats, data.labels).mAP
+        scores = {}
+        for name, labs in domains.items():
+            rows = np.flatnonzero(np.isin(data.labels, labs))
+            scores[name] = evaluate_labelled(feats[rows], data.labels[rows]).mAP
+        self.last_val_domains = scores
+        return float(np.mean(list(scores.values())))
 
     # -- one epoch ---------------------------------------------------------------------------
     def epoch_rng(self, epoch: int) -> np.random.Generator:
@@ -306,6 +333,7 @@ class Trainer:
             n_negatives=c.negatives,
             pool_size=c.pool_size,
             rng=self.epoch_rng(epoch),
+            sampling=c.sampling,
         )
 
     def tuple_forward(self, tuples: EpochTuples, rows: np.ndarray) -> torch.Tensor:
@@ -316,12 +344,12 @@ class Trainer:
             negs = [int(n) for n in tuples.negatives[r] if n >= 0]
             imgs.extend([int(tuples.queries[r]), int(tuples.positives[r]), *negs])
         arrays = [self.cache.get(self.train_data.files[i], self.train_pre) for i in imgs]
+        if self.config.augment:
+            arrays = [augment_array(a) for a in arrays]
         if len({a.shape for a in arrays}) == 1:
             vecs = self.desc(self.train_pre.normalize(torch.from_numpy(np.stack(arrays))))
         else:  # 'keep' preprocessing: images of different shapes go one by one
-            vecs = torch.cat(
-                [self.desc(self.train_pre.normalize(torch.from_numpy(a[None]))) for a in arrays]
-            )
+            vecs = torch.cat([self.desc(self.train_pre.normalize(torch.from_numpy(a[None]))) for a in arrays])
         qs, ps, ns, masks = [], [], [], []
         pos = 0
         for r in rows:
@@ -416,11 +444,19 @@ class Trainer:
             t0 = time.perf_counter()
             val = self.validate()
             self.history.append(
-                EpochStats(0, None, val, None, self.p_value(), time.perf_counter() - t0)
+                EpochStats(
+                    0,
+                    None,
+                    val,
+                    None,
+                    self.p_value(),
+                    time.perf_counter() - t0,
+                    val_domains=self.last_val_domains,
+                )
             )
             self._update_best(val)
             if val is not None:
-                self.log(f"epoch 0 (off the shelf): validation mAP {val:.4f}")
+                self.log(f"epoch 0 (off the shelf): validation mAP {val:.4f}{self._domains_text()}")
         stopped = False
         while self.epoch < c.epochs:
             epoch = self.epoch + 1
@@ -459,10 +495,11 @@ class Trainer:
                 time.perf_counter() - t0,
                 t_mine,
                 tuples.mean_negative_similarity,
+                self.last_val_domains,
             )
             self.history.append(stats)
             self._update_best(val)
-            val_text = f", validation mAP {val:.4f}" if val is not None else ""
+            val_text = f", validation mAP {val:.4f}{self._domains_text()}" if val is not None else ""
             self.log(
                 f"epoch {epoch}/{c.epochs}: loss {loss:.4f}{val_text}, p {stats.p or 0:.3f}, "
                 f"hard-negative similarity {tuples.mean_negative_similarity:.3f}, "
@@ -471,6 +508,10 @@ class Trainer:
             if checkpoint_dir is not None:
                 self.save_checkpoint(checkpoint_dir)
         return self._finish(spent_before + time.perf_counter() - start, stopped)
+
+    def _domains_text(self) -> str:
+        d = self.last_val_domains
+        return " (" + ", ".join(f"{k} {v:.4f}" for k, v in d.items()) + ")" if d else ""
 
     def _out_of_patience(self) -> bool:
         """Early stopping: ``patience`` epochs since the best validation mAP (the kept
@@ -562,7 +603,7 @@ def train(
         saved.patience = config.patience
         config = saved
     if val is None and config.val_fraction > 0:
-        data, val = split_by_class(data, config.val_fraction, config.seed)
+        data, val = split_by_class(data, config.val_fraction, config.seed, stratify=config.stratify)
     if val is not None and len(np.unique(val.labels)) < 2:
         raise TrainDataError("validation data needs at least two classes")
     trainer = Trainer(config, data, val, progress=progress, log=log)
@@ -596,9 +637,7 @@ def default_checkpoint_dir(out: str | os.PathLike) -> Path:
 def _bar(total: int, desc: str, unit: str, enabled: bool):
     from tqdm.auto import tqdm
 
-    return tqdm(
-        total=total, desc=desc, unit=unit, disable=not enabled, dynamic_ncols=True, leave=False
-    )
+    return tqdm(total=total, desc=desc, unit=unit, disable=not enabled, dynamic_ncols=True, leave=False)
 
 
 def _np_state() -> dict[str, Any]:
