@@ -34,6 +34,32 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO[Any]]:
         raise
 
 
+def atomic_write_by_name(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+    """Let ``write`` create the file itself, given a temporary path beside ``path`` (for
+    writers that want a file name, like ``faiss.write_index``), then fsync and rename.
+
+    It saves the in-memory copies of ``atomic_write_bytes`` (a serialised FAISS index of
+    100,000 vectors of 1280 floats is 512 MB, and a bytes copy of it another 512 MB).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
 def fsync_dir(path: str | os.PathLike) -> None:
     """Make a rename durable by syncing the folder entry (no-op where unsupported)."""
     with contextlib.suppress(OSError):

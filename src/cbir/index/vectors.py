@@ -23,7 +23,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from cbir.fileio import atomic_write_bytes
+from cbir.fileio import atomic_write_by_name
 
 DEFAULT_FACTORY = "Flat"
 #: Search-time defaults applied to new indexes (FAISS's own are nprobe=1, efSearch=16,
@@ -127,8 +127,9 @@ def trained_path(folder: Path, factory: str) -> Path:
 
 
 def write_index(index: faiss.Index, path: Path) -> None:
-    """Serialise and replace ``path`` atomically."""
-    atomic_write_bytes(path, faiss.serialize_index(index).tobytes())
+    """Write ``index`` to ``path`` atomically, streamed by FAISS's own file writer (no
+    serialised copy in memory)."""
+    atomic_write_by_name(path, lambda tmp: faiss.write_index(index, tmp))
 
 
 def read_index(path: Path) -> faiss.Index | None:
