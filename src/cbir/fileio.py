@@ -16,22 +16,29 @@ from typing import IO, Any
 
 
 @contextlib.contextmanager
-def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO[Any]]:
-    """Open a temporary file beside ``path``; on success it replaces ``path`` atomically."""
+def _replaced_on_success(path: str | os.PathLike) -> Iterator[tuple[int, str]]:
+    """A temporary file beside ``path`` (open descriptor, name) that replaces ``path`` when
+    the block ends normally and is deleted when it raises."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, mode) as fh:
-            yield fh
-            fh.flush()
-            os.fsync(fh.fileno())
+        yield fd, tmp
         os.replace(tmp, path)
         fsync_dir(path.parent)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO[Any]]:
+    """Open a temporary file beside ``path``; on success it replaces ``path`` atomically."""
+    with _replaced_on_success(path) as (fd, _), os.fdopen(fd, mode) as fh:
+        yield fh
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 def atomic_write_by_name(path: str | os.PathLike, write: Callable[[str], None]) -> None:
@@ -41,23 +48,14 @@ def atomic_write_by_name(path: str | os.PathLike, write: Callable[[str], None]) 
     It saves the in-memory copies of ``atomic_write_bytes`` (a serialised FAISS index of
     100,000 vectors of 1280 floats is 512 MB, and a bytes copy of it another 512 MB).
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with _replaced_on_success(path) as (fd, tmp):
+        os.close(fd)
         write(tmp)
         fd = os.open(tmp, os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 def fsync_dir(path: str | os.PathLike) -> None:
