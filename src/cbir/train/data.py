@@ -58,7 +58,9 @@ class TrainData:
         if self.pairs is not None:
             self.pairs = np.asarray(self.pairs, dtype=np.int64).reshape(-1, 2)
         if self.class_domains is not None and len(self.class_domains) != len(self.classes):
-            raise TrainDataError(f"{len(self.class_domains)} class domains for {len(self.classes)} classes")
+            raise TrainDataError(
+                f"{len(self.class_domains)} class domains for {len(self.classes)} classes"
+            )
         order = np.argsort(self.labels, kind="stable")
         uniq, starts = np.unique(self.labels[order], return_index=True)
         ends = list(starts[1:]) + [len(order)]
@@ -159,14 +161,18 @@ def load_pairs_csv(path: str | os.PathLike) -> TrainData:
             if not row or all(not c.strip() for c in row):
                 continue
             if len(row) < 3:
-                raise TrainDataError(f"{path}:{lineno}: expected query,positive,cluster; got {row!r}")
+                raise TrainDataError(
+                    f"{path}:{lineno}: expected query,positive,cluster; got {row!r}"
+                )
             q, p, cluster = (c.strip() for c in row[:3])
             try:
                 cid = int(cluster)
             except ValueError:
                 if lineno == 1:
                     continue  # header
-                raise TrainDataError(f"{path}:{lineno}: cluster id {cluster!r} is not an integer") from None
+                raise TrainDataError(
+                    f"{path}:{lineno}: cluster id {cluster!r} is not an integer"
+                ) from None
             ids = []
             for name in (q, p):
                 f = (base / name) if not Path(name).is_absolute() else Path(name)
@@ -176,7 +182,9 @@ def load_pairs_csv(path: str | os.PathLike) -> TrainData:
                     index[f] = len(labels)
                     labels.append(cid)
                 elif labels[index[f]] != cid:
-                    raise TrainDataError(f"{path}:{lineno}: {f} is in clusters {labels[index[f]]} and {cid}")
+                    raise TrainDataError(
+                        f"{path}:{lineno}: {f} is in clusters {labels[index[f]]} and {cid}"
+                    )
                 ids.append(index[f])
             if ids[0] == ids[1]:
                 raise TrainDataError(f"{path}:{lineno}: query and positive are the same image")
@@ -218,31 +226,29 @@ def split_by_class(
     general-purpose descriptor is for and what GPR1200-style benchmarks test. With
     ``stratify`` and several domains (class-folder roots), ``fraction`` of *each* domain's
     classes is held out, so a small domain is not left out of validation by chance (one
-    domain's 4 classes among 9 drawn from all would often be 1 or 0). With one domain, or
-    ``stratify=False``, the classes are drawn from all at once (the behaviour of runs
-    made before stratification existed).
+    domain's 4 classes among 9 drawn from all would often be 1 or 0); a domain of fewer
+    than 4 usable classes is all trained on. With one domain, or ``stratify=False``, the
+    classes are drawn from all at once (the behaviour of runs made before stratification).
     """
     if not 0 < fraction < 1:
         raise TrainDataError("validation fraction must be between 0 and 1")
+    too_few = "too few classes to hold some out for validation: give --val DIR"
+    groups = list(data.domains().values()) if stratify else []
+    pooled = len(groups) <= 1
+    if pooled:
+        groups = [np.unique(data.labels)]
     rng = np.random.default_rng(seed)
-    domains = data.domains()
-    if not stratify or len(domains) == 1:
-        domains = {"": np.unique(data.labels)}
-        minimum = 2
-    else:
-        minimum = 1
     val_labels: list[int] = []
-    for labs in domains.values():
+    for labs in groups:
         usable = np.array([u for u in labs if len(data.members(u)) >= 2], dtype=np.int64)
-        n_val = int(round(fraction * len(labs)))
-        n_val = max(minimum, min(n_val, len(usable) - 2))
-        if len(usable) < 4 or n_val < minimum:
-            if minimum == 1:  # a tiny domain: train on all of it
-                continue
-            raise TrainDataError("too few classes to hold some out for validation: give --val DIR")
+        if len(usable) < 4:
+            if pooled:
+                raise TrainDataError(too_few)
+            continue
+        n_val = max(2 if pooled else 1, min(int(round(fraction * len(labs))), len(usable) - 2))
         val_labels.extend(rng.choice(usable, size=n_val, replace=False).tolist())
     if len(val_labels) < 2:
-        raise TrainDataError("too few classes to hold some out for validation: give --val DIR")
+        raise TrainDataError(too_few)
     is_val = np.isin(data.labels, val_labels)
     return data.subset(np.flatnonzero(~is_val)), data.subset(np.flatnonzero(is_val))
 
@@ -265,7 +271,9 @@ class ImageCache:
         arr = self._store.get(key)
         if arr is None:
             try:
-                img = load_image(path, max_pixels=self.max_pixels, target_size=preprocess.resized_size)
+                img = load_image(
+                    path, max_pixels=self.max_pixels, target_size=preprocess.resized_size
+                )
             except DecodeError as exc:
                 raise TrainDataError(f"cannot use training image: {exc}") from exc
             arr = preprocess.to_array(img)

@@ -96,9 +96,10 @@ def sample_queries(
     else:
         cand_labels = data.labels[cands]
         classes = np.unique(cand_labels)
-        reps = -(-n // len(classes))  # whole rounds over the classes, each round shuffled
-        drawn = np.concatenate([rng.permutation(classes) for _ in range(reps)])[:n]
-        queries = np.array([rng.choice(cands[cand_labels == c]) for c in drawn], dtype=np.int64)
+        by_class = {int(c): cands[cand_labels == c] for c in classes}
+        rounds = -(-n // len(classes))  # whole rounds over the classes, each round shuffled
+        drawn = np.concatenate([rng.permutation(classes) for _ in range(rounds)])[:n]
+        queries = np.array([rng.choice(by_class[int(c)]) for c in drawn], dtype=np.int64)
     positives = np.array([data.sample_positive(int(q), rng) for q in queries], dtype=np.int64)
     return queries.astype(np.int64), positives
 
@@ -122,9 +123,13 @@ def mine_epoch(
     vecs = np.asarray(embed(need), dtype=np.float32)
     row = np.full(len(data), -1, dtype=np.int64)
     row[need] = np.arange(len(need))
-    picks = nearest_other_class(vecs[row[uq]], data.labels[uq], vecs[row[pool]], data.labels[pool], n_negatives)
+    picks = nearest_other_class(
+        vecs[row[uq]], data.labels[uq], vecs[row[pool]], data.labels[pool], n_negatives
+    )
     negatives = np.where(picks >= 0, pool[np.maximum(picks, 0)], -1)[q_inverse]
     qi, ki = np.nonzero(negatives >= 0)
     sims = np.sum(vecs[row[queries[qi]]] * vecs[row[negatives[qi, ki]]], axis=1)
     mean_sim = float(sims.mean()) if sims.size else float("nan")
-    return EpochTuples(queries=queries, positives=positives, negatives=negatives, mean_negative_similarity=mean_sim)
+    return EpochTuples(
+        queries=queries, positives=positives, negatives=negatives, mean_negative_similarity=mean_sim
+    )

@@ -264,7 +264,9 @@ class Trainer:
         self.desc = build_training_descriptor(config)
         freeze_leading(self.desc, config.freeze)
         self.infer_pre = self.desc.preprocess
-        self.train_pre = self.infer_pre.override(size=config.image_size) if config.image_size else self.infer_pre
+        self.train_pre = (
+            self.infer_pre.override(size=config.image_size) if config.image_size else self.infer_pre
+        )
         self.optimizer, self.scheduler = build_optimizer(self.desc, config)
         self.loss_fn = tuple_loss(config.loss, config.margin)
         self.epoch = 0
@@ -273,7 +275,9 @@ class Trainer:
         self.last_val_domains: dict[str, float] | None = None
 
     # -- describing ------------------------------------------------------------------------
-    def embed(self, data: TrainData, indices: np.ndarray, preprocess, desc_text: str = "describing") -> np.ndarray:
+    def embed(
+        self, data: TrainData, indices: np.ndarray, preprocess, desc_text: str = "describing"
+    ) -> np.ndarray:
         """L2-normalised descriptors of ``data.files[indices]`` with the current weights."""
         self.desc.eval()
         indices = np.asarray(indices, dtype=np.int64)
@@ -349,7 +353,9 @@ class Trainer:
         if len({a.shape for a in arrays}) == 1:
             vecs = self.desc(self.train_pre.normalize(torch.from_numpy(np.stack(arrays))))
         else:  # 'keep' preprocessing: images of different shapes go one by one
-            vecs = torch.cat([self.desc(self.train_pre.normalize(torch.from_numpy(a[None]))) for a in arrays])
+            vecs = torch.cat(
+                [self.desc(self.train_pre.normalize(torch.from_numpy(a[None]))) for a in arrays]
+            )
         qs, ps, ns, masks = [], [], [], []
         pos = 0
         for r in rows:
@@ -443,17 +449,9 @@ class Trainer:
         if self.epoch == 0 and not self.history:
             t0 = time.perf_counter()
             val = self.validate()
-            self.history.append(
-                EpochStats(
-                    0,
-                    None,
-                    val,
-                    None,
-                    self.p_value(),
-                    time.perf_counter() - t0,
-                    val_domains=self.last_val_domains,
-                )
-            )
+            stats = EpochStats(0, None, val, None, self.p_value(), time.perf_counter() - t0,
+                               val_domains=self.last_val_domains)  # fmt: skip
+            self.history.append(stats)
             self._update_best(val)
             if val is not None:
                 self.log(f"epoch 0 (off the shelf): validation mAP {val:.4f}{self._domains_text()}")
@@ -603,7 +601,9 @@ def train(
         saved.patience = config.patience
         config = saved
     if val is None and config.val_fraction > 0:
-        data, val = split_by_class(data, config.val_fraction, config.seed, stratify=config.stratify)
+        data, val = split_by_class(
+            data, config.val_fraction, config.seed, stratify=config.stratify
+        )
     if val is not None and len(np.unique(val.labels)) < 2:
         raise TrainDataError("validation data needs at least two classes")
     trainer = Trainer(config, data, val, progress=progress, log=log)
@@ -637,7 +637,9 @@ def default_checkpoint_dir(out: str | os.PathLike) -> Path:
 def _bar(total: int, desc: str, unit: str, enabled: bool):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, unit=unit, disable=not enabled, dynamic_ncols=True, leave=False)
+    return tqdm(
+        total=total, desc=desc, unit=unit, disable=not enabled, dynamic_ncols=True, leave=False
+    )
 
 
 def _np_state() -> dict[str, Any]:
