@@ -4,6 +4,7 @@ The public Python API; the ``cbir`` command and the HTTP server are thin layers 
 """
 
 from cbir.data import DecodeError, Preprocess, list_images, load_image
+from cbir.errors import CbirError
 from cbir.eval import evaluate_gpr1200, evaluate_labelled
 from cbir.extract import ExtractionResult, extract, iter_extract
 from cbir.models import Descriptor, Whitening, build_descriptor
@@ -11,6 +12,7 @@ from cbir.models import Descriptor, Whitening, build_descriptor
 __version__ = "0.1.0"
 
 __all__ = [
+    "CbirError",
     "DecodeError",
     "Descriptor",
     "ExtractionResult",

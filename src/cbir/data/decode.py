@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from cbir.errors import CbirError
+
 # Pillow's own bomb check is global state and raises from deep inside ``open``; we
 # enforce our own limit on the header's size before any pixel is decoded instead.
 Image.MAX_IMAGE_PIXELS = None
@@ -38,7 +40,7 @@ ImageSource = str | os.PathLike | bytes | io.IOBase
 TargetSize = Callable[[int, int], tuple[int, int]]
 
 
-class DecodeError(Exception):
+class DecodeError(CbirError):
     """An image that cannot be turned into pixels; carries the path and a human reason."""
 
     def __init__(self, path: str, reason: str) -> None:

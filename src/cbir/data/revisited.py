@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from cbir.errors import CbirError
+
 #: (module, name) globals a gnd pickle may reference: NumPy array / scalar reconstruction
 #: (both the NumPy 1 and 2 module paths) and plain builtin containers. Nothing that can
 #: call arbitrary code (no ``builtins.eval``, no ``copyreg`` reconstructors of other classes).
@@ -50,7 +52,7 @@ REVISITED_KEYS = ("easy", "hard", "junk")
 ORIGINAL_KEYS = ("ok", "junk")
 
 
-class GroundTruthError(ValueError):
+class GroundTruthError(CbirError, ValueError):
     """The ground-truth file is unreadable, unsafe, or not in the revisitop format."""
 
 

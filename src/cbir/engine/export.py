@@ -51,6 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cbir.errors import CbirError
 from cbir.extract import usable_cores
 from cbir.fileio import atomic_write_bytes, atomic_write_text
 from cbir.models.descriptor import Descriptor
@@ -63,7 +64,7 @@ OPSET = 17
 MIN_COSINE = 0.9999
 
 
-class EngineUnavailable(RuntimeError):
+class EngineUnavailable(CbirError, RuntimeError):
     """The ONNX engine cannot serve this descriptor (the caller should use torch)."""
 
 

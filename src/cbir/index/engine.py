@@ -33,6 +33,7 @@ from PIL import Image
 
 from cbir.data.datasets import list_images
 from cbir.data.decode import DEFAULT_MAX_PIXELS, DecodeError, load_image, to_rgb
+from cbir.errors import CbirError
 from cbir.extract import DEFAULT_ENGINE, Failure, Runner, iter_extract, make_runner
 from cbir.index import vectors as vec
 from cbir.index.catalog import Catalog, ImageRecord, to_blob
@@ -46,7 +47,7 @@ CATALOG_FILE = "catalog.sqlite"
 DEFAULT_DB = ".cbir"
 
 
-class IndexError_(Exception):  # noqa: N801 - trailing underscore: not the builtin IndexError
+class IndexError_(CbirError):  # noqa: N801 - trailing underscore: not the builtin IndexError
     """Base class of the index's errors; the message is meant for the user."""
 
 

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from cbir.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Preprocess
+from cbir.errors import CbirError
 
 DEFAULT_BACKBONE = "efficientnet-lite0"
 
@@ -35,7 +36,7 @@ _LITE_STD = IMAGENET_STD
 _LITE_SIZES = {"efficientnet-lite0": 224, "efficientnet-lite1": 240, "efficientnet-lite2": 260}
 
 
-class BackboneError(RuntimeError):
+class BackboneError(CbirError, RuntimeError):
     """A backbone that cannot be built (unknown name, weights unreachable, bad file)."""
 
 

@@ -23,6 +23,8 @@ from pathlib import Path
 
 from PIL import Image
 
+from cbir.errors import CbirError
+
 #: Upload formats the server accepts (Pillow format names). Everything else is 415.
 ACCEPTED_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF", "PPM")
 
@@ -55,7 +57,7 @@ MIN_TOKEN_LENGTH = 16
 _SNIFF_BYTES = 16
 
 
-class ServeConfigError(ValueError):
+class ServeConfigError(CbirError, ValueError):
     """The server was asked to start in a configuration it refuses (reported, then exit)."""
 
 

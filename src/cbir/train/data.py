@@ -27,9 +27,10 @@ import numpy as np
 from cbir.data.datasets import load_class_folders
 from cbir.data.decode import DEFAULT_MAX_PIXELS, DecodeError, load_image
 from cbir.data.transforms import Preprocess
+from cbir.errors import CbirError
 
 
-class TrainDataError(ValueError):
+class TrainDataError(CbirError, ValueError):
     """Training data that cannot be used (missing files, no pairs, bad CSV)."""
 
 
