@@ -190,7 +190,13 @@ class Catalog:
 
     @_translated
     def _check_schema(self) -> None:
-        tables = {r[0] for r in self.con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        # read-only first: a writable connection would turn a damaged or empty file into a
+        # database (WAL header) before we could refuse it
+        probe = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True)
+        try:
+            tables = {r[0] for r in probe.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        finally:
+            probe.close()
         if not {"meta", "roots", "images"} <= tables:
             raise IndexDamagedError(
                 f"index damaged: {self.path} holds no catalogue (empty or truncated file). Restore it "

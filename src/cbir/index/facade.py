@@ -115,7 +115,7 @@ class Index:
         except BusyError as exc:
             raise IndexBusyError(str(exc)) from exc
         new = state == "absent"
-        return cls.open(path, model=None if new else descriptor, factory=None if new else factory,
+        return cls.open(path, model=None if new else model, factory=None if new else factory,
                         memory_budget=None if new else memory_budget, dba=None if new else dba,
                         dba_alpha=None if new else dba_alpha, engine=engine, wait=wait)  # fmt: skip
 

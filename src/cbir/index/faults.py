@@ -50,6 +50,9 @@ def _parse(spec: str | None) -> tuple[str, str, int] | None:
 
 _spec = _parse(os.environ.get(ENV))
 _hits = 0
+#: ``CBIR_FAULT_CHILDREN=FILE``: before a kill, write this process's child pids there, so a
+#: test can check that none of them outlives it.
+_report = os.environ.get(ENV + "_CHILDREN")
 
 
 def point(name: str) -> None:
@@ -63,12 +66,28 @@ def point(name: str) -> None:
     action = _spec[1]
     if action == "raise":
         raise FaultInjected(f"fault injected at {name}")
+    if _report:
+        with open(_report, "w") as fh:
+            fh.write(" ".join(str(p) for p in children()))
     # SIGKILL ends the process here; SIGTERM too unless a handler is installed (then the
     # handler runs at the next bytecode, as it would for a real signal)
     os.kill(os.getpid(), signal.SIGKILL if action == "kill" else signal.SIGTERM)
 
 
-def configure(spec: str | None) -> None:
-    """Set (or clear, with None) the fault for this process, as ``CBIR_FAULT`` would."""
-    global _spec, _hits
-    _spec, _hits = _parse(spec), 0
+def configure(spec: str | None, children_file: str | None = None) -> None:
+    """Set (or clear, with None) the fault for this process, as ``CBIR_FAULT`` (and
+    ``CBIR_FAULT_CHILDREN``) would."""
+    global _spec, _hits, _report
+    _spec, _hits, _report = _parse(spec), 0, children_file
+
+
+def children() -> list[int]:
+    """Pids of this process's children (Linux), e.g. its decode workers."""
+    out: list[int] = []
+    try:
+        for tid in os.listdir(f"/proc/{os.getpid()}/task"):
+            with open(f"/proc/{os.getpid()}/task/{tid}/children") as fh:
+                out += [int(p) for p in fh.read().split()]
+    except OSError:
+        pass
+    return out
