@@ -145,7 +145,7 @@ class IndexSettings:
             return None
         plan = self.plan
         planned = int(plan.get("n", 0))
-        if planned and planned / 2 <= n <= planned * 2 or not planned and n < 1024:
+        if (planned and planned / 2 <= n <= planned * 2) or (not planned and not n):
             return None
         new = make_plan(AUTO, n, self.dim, self.memory_budget)
         return {"plan": json.dumps(new)}

@@ -72,6 +72,10 @@ class CompactionPolicy:
         return pending > max(self.min_pending, min(self.share * base, self.max_pending))
 
 
+#: The policy of stores made without one (tests swap it for a tiny one to exercise compaction).
+DEFAULT_POLICY = CompactionPolicy()
+
+
 @dataclass
 class _View:
     """What a search reads: base (positions 0..n-1), their ids, tombstones, the delta.
@@ -132,7 +136,7 @@ class FaissStore:
         *,
         readonly: bool = False,
         defaults: SearchParams = SearchParams(),
-        policy: CompactionPolicy = CompactionPolicy(),
+        policy: CompactionPolicy | None = None,
         exclusive: Callable[[], AbstractContextManager[Any]] = contextlib.nullcontext,
     ) -> None:
         fx.make_index(dim, factory)  # validate the factory before anything else
@@ -141,7 +145,7 @@ class FaissStore:
         self.factory = factory
         self.readonly = readonly
         self.defaults = defaults
-        self.policy = policy
+        self.policy = policy or DEFAULT_POLICY
         self._exclusive = exclusive
         self._view = _View(self.dim)
         self._generation = -1
