@@ -288,12 +288,24 @@ class Catalog:
         return [_record(r) for r in rows]
 
     @_translated
+    def records_for(self, *, paths: Iterable[str] = (), shas: Iterable[str] = ()) -> list[ImageRecord]:
+        """The records of these paths and of these content hashes (an ``add`` plans against
+        these few, not the whole catalogue)."""
+        out: dict[int, ImageRecord] = {}
+        for column, values in (("path", list(paths)), ("sha256", list(set(shas)))):
+            for start in range(0, len(values), _IN_CHUNK):
+                chunk = values[start : start + _IN_CHUNK]
+                q = f"SELECT {_RECORD_COLUMNS} FROM images WHERE {column} IN ({_marks(len(chunk))})"
+                out.update((r.id, r) for r in map(_record, self.con.execute(q, chunk)))
+        return sorted(out.values(), key=lambda r: r.id)
+
+    @_translated
     def ids_under(self, path: str) -> list[int]:
         """Ids of ``path`` itself and of everything under it (a folder)."""
         prefix = path.rstrip(os.sep) + os.sep
-        like = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
-        sql = "SELECT id FROM images WHERE path = ? OR path LIKE ? ESCAPE '\\'"
-        return [int(r[0]) for r in self.con.execute(sql, (path, like))]
+        end = prefix[:-1] + chr(ord(prefix[-1]) + 1)  # paths under prefix sort in [prefix, end)
+        sql = "SELECT id FROM images WHERE path = ? OR (path >= ? AND path < ?)"  # a range: the index serves it
+        return [int(r[0]) for r in self.con.execute(sql, (path, prefix, end))]
 
     @_translated
     def ids_with_sha(self, sha: str) -> set[int]:

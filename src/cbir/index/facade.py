@@ -244,7 +244,7 @@ class Index:
     def _replan(self) -> bool:
         """Re-plan an ``auto`` index whose size doubled or halved since its plan; True if
         that switched the index type (the store was then rebuilt)."""
-        changes = self.settings.replan(self.catalog.counts()["ok"])
+        changes = self.settings.replan(self.store.count())
         if not changes:
             return False
         rebuild = self.settings.needs_rebuild(changes)

@@ -156,7 +156,14 @@ class ReconcileReport:
     removed: int = 0  #: -1 when the store was rebuilt (everything replaced)
 
 
-def reconcile(store: VectorStore, source: VectorSource, generation: int, chunk: int = 20_000) -> ReconcileReport:
+def reconcile(
+    store: VectorStore,
+    source: VectorSource,
+    generation: int,
+    *,
+    max_share: float = 0.25,
+    chunk: int = 20_000,
+) -> ReconcileReport:
     """Make ``store`` hold exactly ``source``'s ids, by difference: ids it lacks are added
     (their vectors fetched from ``source``), ids it has in excess removed, then flushed as
     ``generation``. Its cost is reading both id lists plus the changed vectors, so a store
@@ -164,7 +171,9 @@ def reconcile(store: VectorStore, source: VectorSource, generation: int, chunk: 
 
     Vectors under an id are never rewritten (ids are not reused), so equal id sets mean
     equal contents. A store whose durable state is *newer* than ``generation`` (it folded
-    a change the catalogue never committed into its base) cannot go back: it is rebuilt.
+    a change the catalogue never committed into its base) cannot go back: it is rebuilt;
+    so is one that differs in more than ``max_share`` of the vectors (or 1,024, whichever
+    is more), where building afresh is cheaper than replaying the difference.
     """
     if store.generation > generation:
         store.discard()
@@ -174,6 +183,10 @@ def reconcile(store: VectorStore, source: VectorSource, generation: int, chunk: 
     have = store.ids()
     missing = np.setdiff1d(want, have, assume_unique=True)
     extra = np.setdiff1d(have, want, assume_unique=True)
+    if len(missing) + len(extra) > max(1024, max_share * len(want)):
+        store.discard()
+        store.rebuild(source, generation)
+        return ReconcileReport(added=len(want), removed=-1)
     if len(extra):
         store.remove(extra)
     for start in range(0, len(missing), chunk):

@@ -139,7 +139,8 @@ class FaissStore:
         policy: CompactionPolicy | None = None,
         exclusive: Callable[[], AbstractContextManager[Any]] = contextlib.nullcontext,
     ) -> None:
-        fx.make_index(dim, factory)  # validate the factory before anything else
+        # validate the factory before anything else; training needs do not change after
+        self._min_vectors = fx.min_training_vectors(fx.make_index(dim, factory))
         self.folder = Path(folder)
         self.dim = int(dim)
         self.factory = factory
@@ -161,7 +162,7 @@ class FaissStore:
 
     @property
     def min_vectors(self) -> int:
-        return fx.min_training_vectors(fx.make_index(self.dim, self.factory))
+        return self._min_vectors
 
     @property
     def trained(self) -> bool:
@@ -347,7 +348,7 @@ class FaissStore:
 
     def compact(self, source: VectorSource, *, force: bool = False, bulk: bool = False) -> bool:
         base = len(self._view.base_ids)
-        untrained = self._view.base is None and source.count() >= self.min_vectors > 0
+        untrained = self._view.base is None and self.min_vectors > 0 and source.count() >= self.min_vectors
         if not (force or untrained or self.policy.due(self.pending(), base, bulk=bulk)):
             return False
         self.rebuild(source, self._generation)
