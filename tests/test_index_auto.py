@@ -90,7 +90,11 @@ def test_compaction_during_a_long_sync_and_after_removals(
         assert info["tombstones"] == 0 and info["vectors"] == 7  # >= 3 tombstones > 2: compacted
         files = sorted(p.name for p in (tmp_path / "db" / "vectors").iterdir())
         assert files == sorted(
-            ["store.json", f"base-{info['base_generation']}.faiss", f"journal-{info['base_generation']}.log"]
+            [
+                "store.json",
+                *(f"base-{info['base_generation']}.{ext}" for ext in ("faiss", "ids")),
+                f"journal-{info['base_generation']}.log",
+            ]
         )
     with Index.open(tmp_path / "db", readonly=True) as idx:
         for p in sorted(image_dir.glob("img_0[3-9].jpg")):

@@ -159,7 +159,7 @@ def test_trained_index_is_cached_and_reused_by_compaction(tmp_path: Path, monkey
     assert again.compact(ArraySource(ids[10:], x[10:]), force=True)
     assert trained == [] and again.info()["tombstones"] == 0 and again.count() == 290
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        ["store.json", "base-2.faiss", "journal-2.log", next(tmp_path.glob("trained-*")).name]
+        ["store.json", "base-2.faiss", "base-2.ids", "journal-2.log", next(tmp_path.glob("trained-*")).name]
     )
 
 
@@ -174,12 +174,13 @@ def test_compaction_policy() -> None:
 def test_tidy_removes_leftovers_of_interrupted_writes(tmp_path: Path) -> None:
     store = FaissStore(tmp_path, DIM, "Flat")
     store.rebuild(ArraySource(np.arange(5), unit(5, seed=18)), 3)
-    for name in ("base-9.faiss", "journal-9.log", ".base-10.faiss.abc.tmp"):
+    for name in ("base-9.faiss", "base-9.ids", "journal-9.log", ".base-10.faiss.abc.tmp"):
         (tmp_path / name).write_bytes(b"x")
     (tmp_path / "unrelated.txt").write_text("kept")
     store.tidy()
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "base-3.faiss",
+        "base-3.ids",
         "journal-3.log",
         "store.json",
         "unrelated.txt",

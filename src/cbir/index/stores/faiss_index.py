@@ -14,7 +14,7 @@ at search time. That works the same for every type, including those that cannot 
 from __future__ import annotations
 
 import os
-import struct
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ import faiss
 import numpy as np
 import xxhash
 
-from cbir.fileio import atomic_open
+from cbir.fileio import atomic_open, atomic_write_bytes
 from cbir.index import faults
 from cbir.index.errors import CbirIndexError
 from cbir.index.stores.base import SearchParams
@@ -138,32 +138,62 @@ def search_parameters(
     return out
 
 
+def fill(index: faiss.Index, chunks: Iterable[tuple[np.ndarray, np.ndarray]], n: int, dim: int) -> np.ndarray:
+    """Add every chunk's vectors to the empty trained ``index`` at positions 0..n-1 and
+    return the ids in that order. A plain flat index is filled in place after one resize
+    of its storage: FAISS's ``add`` grows a vector by doubling, which at a million 1280-d
+    vectors copies gigabytes and holds up to twice the index while it does."""
+    flat = faiss.downcast_index(index)
+    in_place = type(flat) in (faiss.IndexFlatIP, faiss.IndexFlat) and flat.ntotal == 0 and n > 0
+    if in_place:
+        flat.codes.resize(n * flat.code_size)
+        store = faiss.rev_swig_ptr(flat.codes.data(), n * flat.code_size).view(np.float32).reshape(n, dim)
+    parts, done = [], 0
+    for ids, vecs in chunks:
+        x = as_float32(vecs, dim)
+        if in_place and done + len(x) <= n:
+            store[done : done + len(x)] = x
+            flat.ntotal = done + len(x)
+        else:
+            index.add(x)  # more rows than counted (cannot happen under the writer lock): still correct
+        parts.append(np.asarray(ids, np.int64))
+        done += len(x)
+    if in_place and done < n:  # fewer rows than counted
+        flat.codes.resize(done * flat.code_size)
+        flat.ntotal = done
+    return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+
+
 # -- checksummed index files ----------------------------------------------------------------
-_MAGIC = b"CBIRFAIS"
-_HEAD = struct.Struct("<8sIIQ")  # magic, format version, dim, number of ids
 _CHUNK = 16 << 20
 
 
-def write_index_file(path: Path, index: faiss.Index, ids: np.ndarray) -> tuple[str, int]:
-    """Write ``ids`` and ``index`` to ``path`` atomically, streamed (no serialised copy in
+def write_index_file(path: Path, index: faiss.Index) -> tuple[str, int]:
+    """Write ``index`` to ``path`` atomically, streamed by FAISS (no serialised copy in
     memory); returns (xxh3-128 hex digest, bytes) for the manifest."""
     hasher = xxhash.xxh3_128()
     size = 0
-
     with atomic_open(path, "wb") as fh:
 
         def write(data: bytes) -> int:
             nonlocal size
             hasher.update(data)
             size += len(data)
+            if size > _CHUNK and size - len(data) <= _CHUNK:
+                faults.point("base.write")  # a crash here leaves only a temporary file
             return fh.write(data)
 
-        ids = np.ascontiguousarray(ids, dtype="<i8")
-        write(_HEAD.pack(_MAGIC, 1, int(index.d), len(ids)))
-        write(ids.tobytes())
-        faults.point("base.write")  # a crash here leaves only a temporary file
         faiss.write_index(index, faiss.PyCallbackIOWriter(write))
+        if size <= _CHUNK:
+            faults.point("base.write")
     return hasher.hexdigest(), size
+
+
+def write_ids_file(path: Path, ids: np.ndarray) -> tuple[str, int]:
+    """The catalogue id of each base position (little-endian int64), atomically."""
+    data = np.ascontiguousarray(ids, dtype="<i8").tobytes()
+    atomic_write_bytes(path, data)
+    return xxhash.xxh3_128_hexdigest(data), len(data)
 
 
 def file_digest(path: Path) -> tuple[str, int]:
@@ -177,27 +207,41 @@ def file_digest(path: Path) -> tuple[str, int]:
     return hasher.hexdigest(), size
 
 
-def read_index_file(path: Path, digest: str, dim: int) -> tuple[faiss.Index, np.ndarray]:
-    """The (index, ids) in ``path``, after checking the file against ``digest`` first (a
-    damaged file never reaches FAISS's parser). :class:`StoreFileError` otherwise."""
+def _check(path: Path, digest: str) -> None:
     try:
         actual, _ = file_digest(path)
+    except FileNotFoundError:
+        raise
     except OSError as exc:
         raise StoreFileError(f"{path.name}: {exc.strerror or exc}") from exc
     if actual != digest:
         raise StoreFileError(f"{path.name}: checksum mismatch (damaged file)")
-    with open(path, "rb") as fh:
-        magic, version, d, n = _HEAD.unpack(fh.read(_HEAD.size))
-        if magic != _MAGIC or version != 1 or d != dim:
-            raise StoreFileError(f"{path.name}: not a {dim}-d cbir FAISS file")
-        ids = np.frombuffer(fh.read(8 * n), dtype="<i8").astype(np.int64)
-        try:
-            index = faiss.read_index(faiss.PyCallbackIOReader(fh.read, _CHUNK))
-        except RuntimeError as exc:
-            raise StoreFileError(f"{path.name}: {str(exc).strip().splitlines()[-1]}") from exc
-    if index.ntotal != len(ids) or index.d != dim:
-        raise StoreFileError(f"{path.name}: {index.ntotal} vectors for {len(ids)} ids")
-    return index, ids
+
+
+def read_index_file(path: Path, digest: str | None, dim: int) -> faiss.Index:
+    """The index in ``path``, checked against ``digest`` first (a damaged file never
+    reaches FAISS's parser; None: a file this process has just written and hashed).
+
+    Flat storage (``Flat``, ``SQ``, a refinement's full vectors, HNSW's vectors) is
+    memory-mapped, not copied: the base file is immutable, so its pages are shared with
+    the page cache and can be dropped under memory pressure instead of swapping."""
+    if digest is not None:
+        _check(path, digest)
+    try:
+        index = faiss.read_index(os.fspath(path), faiss.IO_FLAG_MMAP_IFC)
+    except RuntimeError as exc:
+        raise StoreFileError(f"{path.name}: {str(exc).strip().splitlines()[-1]}") from exc
+    if index.d != dim:
+        raise StoreFileError(f"{path.name}: {index.d}-d vectors, expected {dim}")
+    return index
+
+
+def read_ids_file(path: Path, digest: str, n: int) -> np.ndarray:
+    """The ids file of a base of ``n`` vectors, checked against ``digest``."""
+    data = path.read_bytes()
+    if xxhash.xxh3_128_hexdigest(data) != digest or len(data) != 8 * n:
+        raise StoreFileError(f"{path.name}: checksum mismatch (damaged file)")
+    return np.frombuffer(data, dtype="<i8").astype(np.int64)
 
 
 def index_type(index: faiss.Index) -> str:

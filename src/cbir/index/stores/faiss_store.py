@@ -47,7 +47,7 @@ from cbir.index.stores.journal import HEADER_BYTES, Journal, JournalError, Segme
 MANIFEST = "store.json"
 #: Rows per journal segment: bounds the memory of writing and replaying one segment.
 SEGMENT_ROWS = 8192
-_STRAY = re.compile(r"^(base-\d+\.faiss|journal-\d+\.log|trained-\w+\.faiss|\..*\.tmp)$")
+_STRAY = re.compile(r"^(base-\d+\.(faiss|ids)|journal-\d+\.log|trained-\w+\.faiss|\..*\.tmp)$")
 
 
 @dataclass(frozen=True)
@@ -204,6 +204,8 @@ class FaissStore:
         for key in ("base", "journal", "trained"):
             if m.get(key):
                 names.append(m[key]["file"])
+        if m.get("base"):
+            names.append(m["base"]["ids"])
         return names
 
     # -- changes --------------------------------------------------------------------------
@@ -314,7 +316,10 @@ class FaissStore:
         base = manifest.get("base")
         if not base:
             return _View(self.dim)
-        index, ids = fx.read_index_file(self.folder / base["file"], base["xxh3"], self.dim)
+        ids = fx.read_ids_file(self.folder / base["ids"], base["ids_xxh3"], base["count"])
+        index = fx.read_index_file(self.folder / base["file"], base["xxh3"], self.dim)
+        if index.ntotal != len(ids):
+            raise fx.StoreFileError(f"{base['file']}: {index.ntotal} vectors for {len(ids)} ids")
         return _View(self.dim, base=index, base_ids=ids)
 
     # -- building -------------------------------------------------------------------------
@@ -335,13 +340,11 @@ class FaissStore:
                 view.apply(ids, vecs, np.zeros(0, np.int64))
         else:
             view.base = faiss.clone_index(trained)
-            parts = []
-            for ids, vecs in source.chunks():
-                view.base.add(fx.as_float32(vecs, self.dim))
-                parts.append(np.asarray(ids, np.int64))
-            view.base_ids = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+            view.base_ids = fx.fill(view.base, source.chunks(), source.count(), self.dim)
         if not self.readonly:
             self._start(view.base, view.base_ids, generation, view, trained_info)
+            if view.base is not None:  # serve from the file just written: mapped, not copied
+                view.base = fx.read_index_file(self.folder / self._manifest["base"]["file"], None, self.dim)
         with self._exclusive():
             self._view, self._generation = view, generation
         self._staged.clear()
@@ -369,15 +372,11 @@ class FaissStore:
         manifest["trained"] = trained_info or (self._manifest or self._read_manifest() or {}).get("trained")
         manifest["base"] = None
         if base is not None:
-            name = f"base-{generation}.faiss"
-            digest, size = fx.write_index_file(self.folder / name, base, base_ids)
-            manifest["base"] = {
-                "file": name,
-                "generation": generation,
-                "count": len(base_ids),
-                "xxh3": digest,
-                "bytes": size,
-            }
+            name, ids_name = f"base-{generation}.faiss", f"base-{generation}.ids"
+            ids_digest, _ = fx.write_ids_file(self.folder / ids_name, base_ids)
+            digest, size = fx.write_index_file(self.folder / name, base)
+            manifest["base"] = {"file": name, "ids": ids_name, "generation": generation, "count": len(base_ids),
+                                "xxh3": digest, "ids_xxh3": ids_digest, "bytes": size}  # fmt: skip
             faults.point("compact.base_written")
         journal = Journal(self.folder / f"journal-{generation}.log", self.dim, generation)
         journal.create()
@@ -400,7 +399,7 @@ class FaissStore:
         if not info or info.get("factory") != self.factory:
             return None
         try:
-            index, _ = fx.read_index_file(self.folder / info["file"], info["xxh3"], self.dim)
+            index = fx.read_index_file(self.folder / info["file"], info["xxh3"], self.dim)
         except (fx.StoreFileError, FileNotFoundError):
             return None
         return index if index.is_trained and index.ntotal == 0 else None
@@ -408,7 +407,7 @@ class FaissStore:
     def _save_trained(self, trained: faiss.Index) -> dict[str, Any]:
         """Write the trained empty index; returns its manifest entry."""
         name = f"trained-{hashlib.sha1(self.factory.encode()).hexdigest()[:10]}.faiss"
-        digest, _ = fx.write_index_file(self.folder / name, trained, np.zeros(0, np.int64))
+        digest, _ = fx.write_index_file(self.folder / name, trained)
         return {"file": name, "factory": self.factory, "xxh3": digest}
 
     # -- searching ------------------------------------------------------------------------
@@ -449,6 +448,7 @@ class FaissStore:
         keep = {MANIFEST}
         if manifest is not None:
             keep |= {manifest[k]["file"] for k in ("base", "journal", "trained") if manifest.get(k)}
+            keep |= {manifest["base"]["ids"]} if manifest.get("base") else set()
         stray = [p for p in self.folder.iterdir() if _STRAY.match(p.name) and p.name not in keep]
         remove_quietly(*stray)
 
