@@ -188,6 +188,20 @@ class Catalog:
         finally:
             con.close()
 
+    @staticmethod
+    def peek_meta(path: str | os.PathLike, keys: Sequence[str]) -> dict[str, str]:
+        """``meta`` values of a catalogue file that may be damaged or not yet in place, read
+        without opening it as a catalogue (empty when it cannot be read)."""
+        try:
+            con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+            try:
+                q = f"SELECT key, value FROM meta WHERE key IN ({_marks(len(keys))})"
+                return dict(con.execute(q, list(keys)).fetchall())
+            finally:
+                con.close()
+        except sqlite3.Error:
+            return {}
+
     @_translated
     def _check_schema(self) -> None:
         # read-only first: a writable connection would turn a damaged or empty file into a

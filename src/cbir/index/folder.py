@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,14 +102,8 @@ def damaged(layout: Layout, state: str) -> IndexDamagedError:
 
 def _made_by(path: Path) -> str:
     """`` (descriptor NAME, identity ID)`` from a catalogue's meta, if it can be read."""
-    with contextlib.suppress(sqlite3.Error, OSError):
-        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-        try:
-            meta = dict(con.execute("SELECT key, value FROM meta WHERE key IN ('descriptor', 'identity')"))
-        finally:
-            con.close()
-        return f" (descriptor {meta.get('descriptor')}, identity {meta.get('identity')})"
-    return ""
+    meta = Catalog.peek_meta(path, ["descriptor", "identity"])
+    return f" (descriptor {meta.get('descriptor')}, identity {meta.get('identity')})" if meta else ""
 
 
 def check_openable(layout: Layout, *, readonly: bool) -> str:
@@ -131,14 +124,10 @@ def finish_creation(layout: Layout) -> bool:
     lock): rename the temporary catalogue into place if it belongs to that descriptor."""
     try:
         descriptor = Descriptor.load(layout.descriptor)
-        con = sqlite3.connect(f"file:{layout.creating}?mode=ro", uri=True)
-        try:
-            row = con.execute("SELECT value FROM meta WHERE key = 'identity'").fetchone()
-        finally:
-            con.close()
-    except (ValueError, OSError, RuntimeError, sqlite3.Error):
+    except (ValueError, OSError, RuntimeError, EOFError):
         return False
-    if row is None or row[0] != descriptor.identity():
+    identity = Catalog.peek_meta(layout.creating, ["identity"]).get("identity")
+    if identity is None or identity != descriptor.identity():
         return False
     os.replace(layout.creating, layout.catalog)
     fsync_dir(layout.folder)

@@ -95,17 +95,20 @@ def min_training_vectors(index: faiss.Index) -> int:
     return need
 
 
-def training_sample_size(index: faiss.Index, n: int) -> int:
-    """How many vectors to train on: FAISS's own advice (>= 39 per k-means centroid, at
-    most 256 useful) within :data:`MAX_TRAINING_SAMPLE`."""
-    centroids = 1
-    for part in _parts(index):
-        if isinstance(part, faiss.IndexIVF):
-            centroids = max(centroids, int(part.nlist))
-        pq = getattr(part, "pq", None)
-        if pq is not None:
-            centroids = max(centroids, int(pq.ksub))
-    return int(min(n, max(min_training_vectors(index), min(256 * centroids, MAX_TRAINING_SAMPLE))))
+def training_sample_size(factory: str, index: faiss.Index, n: int) -> int:
+    """How many of ``n`` vectors to train ``index`` on: the planner's rule
+    (:func:`cbir.index.ann.train_sample_size`, so a plan's stated sample is the one used);
+    for a factory string it cannot parse, FAISS's advice (>= 39 points per k-means
+    centroid, 256 useful) within :data:`MAX_TRAINING_SAMPLE`."""
+    from cbir.index.ann import train_sample_size
+
+    need = min_training_vectors(index)
+    try:
+        want = train_sample_size(factory, n)
+    except ValueError:
+        centroids = max([1] + [int(p.nlist) for p in _parts(index) if isinstance(p, faiss.IndexIVF)])
+        want = min(256 * max(centroids, 256), MAX_TRAINING_SAMPLE)
+    return int(min(n, max(need, want)))
 
 
 def search_parameters(

@@ -331,7 +331,7 @@ class FaissStore:
         if trained is None and source.count() >= self.min_vectors:
             trained = fx.make_index(self.dim, self.factory)
             if not trained.is_trained:
-                trained.train(source.sample(fx.training_sample_size(trained, source.count())))
+                trained.train(source.sample(fx.training_sample_size(self.factory, trained, source.count())))
                 if not self.readonly:
                     trained_info = self._save_trained(trained)
         view = _View(self.dim)
