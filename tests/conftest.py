@@ -51,6 +51,14 @@ def tiny_descriptor():
 
 
 @pytest.fixture(scope="session")
+def tiny_file(tiny_descriptor, tmp_path_factory) -> Path:
+    """The tiny descriptor saved as a descriptor file (what ``--model FILE`` takes)."""
+    path = tmp_path_factory.mktemp("desc") / "tiny.cbir"
+    tiny_descriptor.save(path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def lite0_descriptor():
     """The real default descriptor (EfficientNet-Lite0 weights shipped on PyPI)."""
     from cbir.models import build_descriptor

@@ -30,13 +30,6 @@ def l2n(x: np.ndarray) -> np.ndarray:
     return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
 
-@pytest.fixture(scope="module")
-def tiny_file(tiny_descriptor, tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("desc") / "tiny.cbir"
-    tiny_descriptor.save(path)
-    return path
-
-
 @pytest.fixture
 def index(tmp_path: Path, image_dir: Path, tiny_file: Path):
     idx = Index.create(tmp_path / "db", model=tiny_file)

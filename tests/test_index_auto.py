@@ -19,13 +19,6 @@ from cbir.index.stores import faiss_store
 SYNC = {"progress": False, "workers": 0, "batch_size": 2}
 
 
-@pytest.fixture(scope="module")
-def tiny_file(tiny_descriptor, tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("desc") / "tiny.cbir"
-    tiny_descriptor.save(path)
-    return path
-
-
 def test_auto_is_the_default_and_small_collections_stay_exact(tmp_path: Path, image_dir: Path, tiny_file: Path) -> None:
     with Index.create(tmp_path / "db", model=tiny_file, memory_budget=1 << 30) as idx:
         idx.sync([image_dir], **SYNC)

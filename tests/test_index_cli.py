@@ -5,19 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
 from typer.testing import CliRunner
 
 from cbir.cli.commands import app
 
 runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def tiny_file(tiny_descriptor, tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("desc") / "tiny.cbir"
-    tiny_descriptor.save(path)
-    return path
 
 
 def cli(*args: str) -> tuple[int, str]:

@@ -26,13 +26,6 @@ CTX.set_forkserver_preload(["cbir.cli.main", "cbir.index", "fault_child"])
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def tiny_file(tiny_descriptor, tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("desc") / "tiny.cbir"
-    tiny_descriptor.save(path)
-    return path
-
-
 @pytest.fixture
 def images(tmp_path: Path) -> Path:
     for i in range(N_IMAGES):

@@ -24,13 +24,6 @@ SYNC = {"progress": False, "workers": 0, "batch_size": 4}
 runner = CliRunner()
 
 
-@pytest.fixture(scope="module")
-def tiny_file(tiny_descriptor, tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("desc") / "tiny.cbir"
-    tiny_descriptor.save(path)
-    return path
-
-
 @pytest.fixture
 def db(tmp_path: Path, image_dir: Path, tiny_file: Path) -> Path:
     with Index.create(tmp_path / "db", model=tiny_file) as idx:

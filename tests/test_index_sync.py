@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import make_image
 
-from cbir.index import Index
+from cbir.index import Index, SyncReport
 from cbir.index import writer as writer_mod
 from cbir.index.catalog import ImageRecord
 from cbir.index.sync import FileStat, plan_changes, plan_sync
@@ -66,13 +66,6 @@ def test_records_outside_the_synced_roots_are_only_move_sources() -> None:
     assert changes.deletes == [] and changes.extract == []
 
 
-@pytest.fixture(scope="module")
-def tiny_file(tiny_descriptor, tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("desc") / "tiny.cbir"
-    tiny_descriptor.save(path)
-    return path
-
-
 def test_noop_sync_opens_and_hashes_no_image_file(
     tmp_path: Path, image_dir: Path, tiny_file: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -92,23 +85,22 @@ def test_noop_sync_opens_and_hashes_no_image_file(
             opened.append(os.fsdecode(args[0]))
 
     sys.addaudithook(hook)  # cannot be removed: it only records while `watching`
-    with Index.open(tmp_path / "db") as idx:
-        watching[0] = True
-        try:
-            report = idx.sync([image_dir], progress=False, workers=0)
-        finally:
-            watching[0] = False
+
+    def watched_sync() -> SyncReport:
+        with Index.open(tmp_path / "db") as idx:
+            watching[0] = True
+            try:
+                return idx.sync([image_dir], progress=False, workers=0)
+            finally:
+                watching[0] = False
+
+    report = watched_sync()
     images = [p for p in opened if p.startswith(str(image_dir))]
     assert report.unchanged == 12 and report.extracted == 0
     assert hashed == [] and images == []
     assert opened, "the hook saw nothing at all: it is not counting"
     # and it does count image files when one changed: the proof that it can fail
     make_image(image_dir / "img_05.jpg", seed=55)
-    with Index.open(tmp_path / "db") as idx:
-        watching[0] = True
-        try:
-            report = idx.sync([image_dir], progress=False, workers=0)
-        finally:
-            watching[0] = False
+    report = watched_sync()
     assert report.updated == 1 and hashed == [str(image_dir / "img_05.jpg")]
     assert str(image_dir / "img_05.jpg") in opened
