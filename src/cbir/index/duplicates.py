@@ -29,9 +29,7 @@ class _UnionFind:
             self.parent[max(ra, rb)] = min(ra, rb)
 
 
-def duplicate_pairs(
-    vectors: np.ndarray, threshold: float, block: int = 4096
-) -> tuple[np.ndarray, np.ndarray]:
+def duplicate_pairs(vectors: np.ndarray, threshold: float, block: int = 4096) -> tuple[np.ndarray, np.ndarray]:
     """All pairs (i < j) of rows with inner product >= ``threshold``: (pairs n x 2, scores)."""
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     n, d = vectors.shape
@@ -73,9 +71,7 @@ def group_duplicates(vectors: np.ndarray, threshold: float) -> list[list[tuple[i
     for rows in members.values():
         centre = max(rows, key=lambda r: (degree[r], -r))
         sims = vectors[rows] @ vectors[centre]
-        ranked = sorted(
-            zip(rows, sims.tolist(), strict=True), key=lambda t: (t[0] != centre, -t[1], t[0])
-        )
+        ranked = sorted(zip(rows, sims.tolist(), strict=True), key=lambda t: (t[0] != centre, -t[1], t[0]))
         groups.append([(r, 1.0 if r == centre else float(s)) for r, s in ranked])
     groups.sort(key=lambda g: (-len(g), g[0][0]))
     return groups

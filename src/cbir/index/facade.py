@@ -24,13 +24,14 @@ from PIL import Image
 from cbir.data.decode import DEFAULT_MAX_PIXELS
 from cbir.extract import DEFAULT_ENGINE
 from cbir.index import folder as fl
+from cbir.index import opening
 from cbir.index.catalog import Catalog, ImageRecord
 from cbir.index.duplicates import group_duplicates
-from cbir.index.errors import CbirIndexError, DescriptorMismatchError, IndexBusyError, IndexDamagedError
+from cbir.index.errors import CbirIndexError, IndexBusyError
 from cbir.index.locks import BusyError, FileLock, ReadWriteLock
 from cbir.index.query import Query, QueryResolver
 from cbir.index.settings import IndexSettings, resolve_descriptor
-from cbir.index.stores import FaissStore, SearchParams, VectorStore, reconcile
+from cbir.index.stores import FaissStore, SearchParams, VectorStore
 from cbir.index.sync import FileStat, under, walk
 from cbir.index.writer import IndexWriter, RunOptions, SyncReport, timed
 from cbir.models.descriptor import Descriptor
@@ -96,25 +97,9 @@ class Index:
         ``dba`` are recorded. The folder is locked and re-checked before anything is
         written; a folder holding part of an index is refused as damaged. ``exist_ok``:
         open an existing index instead of failing."""
-        layout = fl.Layout(Path(path))
         descriptor = resolve_descriptor(model)
         meta = IndexSettings.initial(descriptor, factory, memory_budget, dba, dba_alpha)
-        layout.folder.mkdir(parents=True, exist_ok=True)
-        try:
-            with FileLock(layout.lock).hold(wait):
-                state = layout.state()
-                if state == "interrupted" and fl.finish_creation(layout):
-                    state = "complete"
-                if state == "absent":
-                    fl.clean_temporaries(layout)
-                    fl.create(layout, descriptor, meta)
-                elif state != "complete":
-                    raise fl.damaged(layout, state)
-                elif not exist_ok:
-                    raise CbirIndexError(f"an index already exists in {layout.folder}: open it instead")
-        except BusyError as exc:
-            raise IndexBusyError(str(exc)) from exc
-        new = state == "absent"
+        new = opening.create_folder(fl.Layout(Path(path)), descriptor, meta, wait=wait, exist_ok=exist_ok)
         return cls.open(path, model=None if new else model, factory=None if new else factory,
                         memory_budget=None if new else memory_budget, dba=None if new else dba,
                         dba_alpha=None if new else dba_alpha, engine=engine, wait=wait)  # fmt: skip
@@ -143,14 +128,8 @@ class Index:
         if create and not readonly and layout.state() in ("absent", "interrupted"):
             return cls.create(path, model=model, factory=factory, memory_budget=memory_budget, dba=dba,
                               dba_alpha=dba_alpha, engine=engine, wait=wait, exist_ok=True)  # fmt: skip
-        state = fl.check_openable(layout, readonly=readonly)
-        if state == "interrupted":
-            with cls._locked(layout, wait):
-                if not fl.finish_creation(layout):
-                    raise fl.damaged(layout, "no-catalog")
-        catalog = Catalog(layout.catalog, readonly=readonly)
+        catalog, descriptor = opening.open_catalog(layout, model, readonly=readonly, wait=wait)
         try:
-            descriptor = _stored_descriptor(layout, catalog, model)
             index = cls(layout, catalog, descriptor, readonly=readonly, engine=engine, wait=wait)
             changes = index.settings.changes(factory, memory_budget, dba, dba_alpha)
             if changes:
@@ -164,15 +143,6 @@ class Index:
         except BaseException:
             catalog.close()
             raise
-
-    @staticmethod
-    @contextlib.contextmanager
-    def _locked(layout: fl.Layout, wait: float) -> Iterator[None]:
-        try:
-            with FileLock(layout.lock).hold(wait):
-                yield
-        except BusyError as exc:
-            raise IndexBusyError(str(exc)) from exc
 
     def __enter__(self) -> Index:
         return self
@@ -211,35 +181,8 @@ class Index:
             self.catalog.set_meta(changes)
 
     def _attach_store(self, *, locked: bool) -> None:
-        """Bring the store to the catalogue's generation: replay what it has, else repair
-        it from the catalogue, durably when this process may write (it takes the lock),
-        in memory when it may not (a reader, or another process is writing)."""
-        target = self.catalog.generation
-        dba_stale = bool(self.settings.dba) and self.settings.dba_generation != target
-        if not dba_stale and self.store.load(target) and self.store.count() == self.catalog.counts()["ok"]:
-            return
-        if not self.readonly and not locked:
-            with contextlib.suppress(BusyError), self._writer, self._flock.hold(0):
-                self._attach_store(locked=True)
-                return
-        if self.readonly or not locked:
-            self.store.readonly, self._detached = True, True
-            self._repair()
-            return
-        self.store.readonly, self._detached = False, False
-        if dba_stale:
-            self._writes.rebuild_all()
-        else:
-            self._repair()
-        self.store.tidy()
-
-    def _repair(self) -> None:
-        target = self.catalog.generation
-        source = self.catalog.source(self.dim)
-        if self.settings.dba or self.store.generation < 0 or self.store.generation > target:
-            self.store.rebuild(source, target)  # DBA vectors change under the same ids
-        else:
-            reconcile(self.store, source, target)
+        """Bring the store to the catalogue's generation (see :meth:`IndexWriter.attach_store`)."""
+        self._writes.attach_store(locked=locked)
 
     def _replan(self) -> bool:
         """Re-plan an ``auto`` index whose size doubled or halved since its plan; True if
@@ -494,30 +437,3 @@ class Index:
             if len(hits) > 1:
                 out.append(hits)
         return out
-
-
-def _stored_descriptor(layout: fl.Layout, catalog: Catalog, model: Any) -> Descriptor:
-    """The folder's descriptor, checked against the catalogue and against ``model``."""
-    stored = catalog.get_meta("identity")
-    if stored is None:
-        raise IndexDamagedError(f"index damaged: {layout.catalog} records no descriptor. {layout.repair_hint()}")
-    try:
-        descriptor = Descriptor.load(layout.descriptor)
-    except (ValueError, RuntimeError, OSError, EOFError) as exc:
-        raise IndexDamagedError(
-            f"index damaged: {layout.descriptor} cannot be read ({exc}). {layout.repair_hint()}"
-        ) from exc
-    if descriptor.identity() != stored:
-        raise IndexDamagedError(
-            f"index damaged: {layout.descriptor} (identity {descriptor.identity()}) is not the descriptor "
-            f"that made the catalogue's vectors (identity {stored}): restore the right file from a backup"
-        )
-    if model is not None:
-        wanted = resolve_descriptor(model)
-        if wanted.identity() != stored:
-            raise DescriptorMismatchError(
-                f"the index in {layout.folder} was built with descriptor {catalog.get_meta('descriptor')} "
-                f"(identity {stored}); {wanted.describe_name()} (identity {wanted.identity()}) makes "
-                "incomparable vectors: use another --db, or leave out the model options"
-            )
-    return descriptor

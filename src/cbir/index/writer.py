@@ -16,6 +16,7 @@ described again, up to :data:`MAX_ROUNDS` times.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -29,7 +30,9 @@ from cbir.extract import Failure, iter_extract
 from cbir.index import faults
 from cbir.index.catalog import NewRow, _Transaction
 from cbir.index.errors import DescriptorMismatchError, IndexNotTrainedError
+from cbir.index.locks import BusyError
 from cbir.index.query import l2n
+from cbir.index.stores import reconcile
 from cbir.index.sync import FileStat, Todo, changed_since, file_sha256, plan_changes, plan_sync
 from cbir.postprocess import alpha_dba
 
@@ -100,7 +103,7 @@ class IndexWriter:
             except BaseException:
                 idx.store.discard()
                 if idx.store.generation != idx.catalog.generation:
-                    idx._attach_store(locked=True)  # the store flushed what was not committed
+                    self.attach_store(locked=True)  # the store flushed what was not committed
                 raise
         faults.point("commit.after")
 
@@ -249,6 +252,42 @@ class IndexWriter:
         self.finish()
         return removed
 
+    # -- keeping the store in step ------------------------------------------------------
+    def attach_store(self, *, locked: bool) -> None:
+        """Bring the store to the catalogue's generation: replay what it has, else repair
+        it from the catalogue, durably when this process may write (it takes the lock),
+        in memory when it may not (a reader, or another process is writing)."""
+        idx = self.index
+        target = idx.catalog.generation
+        dba_stale = bool(idx.settings.dba) and idx.settings.dba_generation != target
+        if not dba_stale and idx.store.load(target) and idx.store.count() == idx.catalog.counts()["ok"]:
+            return
+        if not idx.readonly and not locked:
+            with contextlib.suppress(BusyError), idx._writer, idx._flock.hold(0):
+                self.attach_store(locked=True)
+                return
+        if idx.readonly or not locked:
+            idx.store.readonly, idx._detached = True, True
+            self.repair()
+            return
+        idx.store.readonly, idx._detached = False, False
+        if dba_stale:
+            self.rebuild_all()
+        else:
+            self.repair()
+        idx.store.tidy()
+
+    def repair(self) -> None:
+        """Repair the store from the catalogue: by id difference, or a rebuild when DBA is on,
+        nothing durable is left, or the store is ahead of the catalogue."""
+        idx = self.index
+        target = idx.catalog.generation
+        source = idx.catalog.source(idx.dim)
+        if idx.settings.dba or idx.store.generation < 0 or idx.store.generation > target:
+            idx.store.rebuild(source, target)  # DBA vectors change under the same ids
+        else:
+            reconcile(idx.store, source, target)
+
     # -- after a mutation ----------------------------------------------------------------
     def finish(self) -> None:
         """After a mutation: refresh DBA if due, re-plan an ``auto`` index, compact the
@@ -289,7 +328,7 @@ class IndexWriter:
             except BaseException:
                 if meta:
                     idx._swap_store()  # back to the committed settings
-                idx._attach_store(locked=True)
+                self.attach_store(locked=True)
                 raise
         idx.store.tidy()
 
