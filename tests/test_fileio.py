@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from cbir.fileio import atomic_write_by_name, atomic_write_bytes
-from cbir.index import vectors as vec
+from cbir.index.stores import faiss_index as fx
 
 
 def test_atomic_write_bytes_replaces_or_keeps(tmp_path: Path) -> None:
@@ -39,14 +39,17 @@ def test_atomic_write_by_name_failure_keeps_the_old_file(tmp_path: Path) -> None
 
 
 def test_faiss_index_round_trips_through_the_atomic_writer(tmp_path: Path) -> None:
-    index = vec.make_index(8, "Flat")
+    index = fx.make_index(8, "Flat")
     x = np.random.default_rng(0).standard_normal((20, 8)).astype(np.float32)
     faiss.normalize_L2(x)
-    index.add_with_ids(x, np.arange(100, 120, dtype=np.int64))
-    path = tmp_path / "vectors-3.faiss"
-    vec.write_index(index, path)
-    back = vec.read_index(path)
-    assert back is not None and back.ntotal == 20
+    index.add(x)
+    path = tmp_path / "base-3.faiss"
+    digest, size = fx.write_index_file(path, index)
+    assert size == path.stat().st_size and [p.name for p in tmp_path.iterdir()] == ["base-3.faiss"]
+    back = fx.read_index_file(path, digest, 8)
+    assert back.ntotal == 20
     d0, i0 = index.search(x[:3], 5)
     d1, i1 = back.search(x[:3], 5)
     assert np.array_equal(i0, i1) and np.allclose(d0, d1)
+    with pytest.raises(fx.StoreFileError, match="checksum"):
+        fx.read_index_file(path, "0" * 32, 8)

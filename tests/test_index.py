@@ -1,4 +1,4 @@
-"""The index engine through its Python API: incremental sync, crash consistency of the
+"""The index through its Python API: incremental sync, crash consistency of the
 cache, exact search vs brute force, QE/DBA vs their formulas, duplicates, threads."""
 
 from __future__ import annotations

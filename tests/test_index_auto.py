@@ -99,3 +99,23 @@ def test_memory_budget_sizes() -> None:
     assert parse_size(None) is None
     with pytest.raises(Exception, match="expected a size"):
         parse_size("lots")
+
+
+def test_the_store_is_chosen_by_its_registered_name(tmp_path: Path, image_dir: Path, tiny_file: Path) -> None:
+    from cbir.index import CbirIndexError
+    from cbir.index.stores import FaissStore, register_store
+
+    class Marked(FaissStore):
+        pass
+
+    register_store("test-marked", lambda spec: Marked(spec.folder, spec.dim, spec.factory, readonly=spec.readonly))
+    with pytest.raises(CbirIndexError, match="unknown vector store 'nope'"):
+        Index.create(tmp_path / "bad", model=tiny_file, store="nope")
+    assert not (tmp_path / "bad" / "catalog.sqlite").exists()
+    with Index.create(tmp_path / "db", model=tiny_file, store="test-marked") as idx:
+        idx.sync([image_dir], **SYNC)
+        assert isinstance(idx.store, Marked)
+    with Index.open(tmp_path / "db", readonly=True) as idx:  # recorded in the catalogue
+        assert isinstance(idx.store, Marked) and idx.search(str(image_dir / "img_02.jpg"), k=1)[0].path.endswith(
+            "img_02.jpg"
+        )

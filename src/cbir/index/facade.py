@@ -31,7 +31,7 @@ from cbir.index.errors import CbirIndexError, IndexBusyError
 from cbir.index.locks import BusyError, FileLock, ReadWriteLock
 from cbir.index.query import Query, QueryResolver
 from cbir.index.settings import IndexSettings, resolve_descriptor
-from cbir.index.stores import FaissStore, SearchParams, VectorStore
+from cbir.index.stores import SearchParams, StoreSpec, VectorStore, make_store
 from cbir.index.sync import FileStat, under, walk
 from cbir.index.writer import IndexWriter, RunOptions, SyncReport, timed
 from cbir.models.descriptor import Descriptor
@@ -89,6 +89,7 @@ class Index:
         engine: str = DEFAULT_ENGINE,
         wait: float = 0.0,
         exist_ok: bool = False,
+        store: str | None = None,
     ) -> Index:
         """Create an index in ``path`` (a new or empty folder): ``model`` (backbone name,
         descriptor file or :class:`Descriptor`; default: the default descriptor) is saved
@@ -96,9 +97,10 @@ class Index:
         ``memory_budget`` bytes, see :mod:`cbir.index.ann`; or a FAISS factory string) and
         ``dba`` are recorded. The folder is locked and re-checked before anything is
         written; a folder holding part of an index is refused as damaged. ``exist_ok``:
-        open an existing index instead of failing."""
+        open an existing index instead of failing. ``store``: the vector store registered
+        under that name (:mod:`cbir.index.stores.registry`; default ``faiss``)."""
         descriptor = resolve_descriptor(model)
-        meta = IndexSettings.initial(descriptor, factory, memory_budget, dba, dba_alpha)
+        meta = IndexSettings.initial(descriptor, factory, memory_budget, dba, dba_alpha, store)
         new = opening.create_folder(fl.Layout(Path(path)), descriptor, meta, wait=wait, exist_ok=exist_ok)
         return cls.open(path, model=None if new else model, factory=None if new else factory,
                         memory_budget=None if new else memory_budget, dba=None if new else dba,
@@ -163,8 +165,8 @@ class Index:
     def _make_store(self) -> VectorStore:
         plan = self.settings.plan
         defaults = SearchParams(plan.get("nprobe"), plan.get("ef_search"), plan.get("k_factor"))
-        return FaissStore(self.layout.store, self.dim, plan["factory"], readonly=self.readonly,
-                          defaults=defaults, exclusive=self._rw.write)  # fmt: skip
+        spec = StoreSpec(self.layout.store, self.dim, plan["factory"], defaults, self.readonly, self._rw.write)
+        return make_store(self.settings.store, spec)
 
     def _swap_store(self) -> None:
         """A store object for the settings as they read now (another index type)."""

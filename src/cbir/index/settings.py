@@ -18,6 +18,7 @@ from cbir.index.ann import MemoryBudgetError, plan_index
 from cbir.index.catalog import Catalog
 from cbir.index.errors import CbirIndexError
 from cbir.index.stores.faiss_index import make_index
+from cbir.index.stores.registry import DEFAULT_STORE, check_store
 from cbir.models.descriptor import Descriptor, build_descriptor
 
 AUTO = "auto"
@@ -65,10 +66,12 @@ class IndexSettings:
         memory_budget: int | None,
         dba: int | None,
         dba_alpha: float | None,
+        store: str | None = None,
     ) -> dict[str, str]:
         """The ``meta`` rows of a new index (validated before anything is written)."""
         factory = factory or DEFAULT_FACTORY
         plan = make_plan(factory, 0, int(descriptor.dim), memory_budget)
+        check_store(store or DEFAULT_STORE)
         return {
             "identity": descriptor.identity(),
             "descriptor": descriptor.describe_name(),
@@ -79,12 +82,18 @@ class IndexSettings:
             "dba": str(int(dba or 0)),
             "dba_alpha": str(DEFAULT_DBA_ALPHA if dba_alpha is None else float(dba_alpha)),
             "dba_generation": "0",
+            "store": store or DEFAULT_STORE,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
 
     @property
     def factory(self) -> str:
         return self.catalog.get_meta("factory") or DEFAULT_FACTORY
+
+    @property
+    def store(self) -> str:
+        """The vector store's registered name."""
+        return self.catalog.get_meta("store") or DEFAULT_STORE
 
     @property
     def memory_budget(self) -> int | None:

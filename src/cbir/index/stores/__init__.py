@@ -14,14 +14,19 @@ from cbir.index.stores.base import (
     reconcile,
 )
 from cbir.index.stores.faiss_store import CompactionPolicy, FaissStore
+from cbir.index.stores.registry import DEFAULT_STORE, StoreSpec, make_store, register_store
 
 __all__ = [
+    "DEFAULT_STORE",
     "ArraySource",
     "CompactionPolicy",
     "FaissStore",
     "ReconcileReport",
     "SearchParams",
+    "StoreSpec",
     "VectorSource",
     "VectorStore",
+    "make_store",
     "reconcile",
+    "register_store",
 ]
