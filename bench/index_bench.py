@@ -2,7 +2,7 @@
 
 Part 1 (synthetic): clustered, L2-normalised descriptors of the default descriptor's
 dimension (1280, EfficientNet-Lite0 + GeM), 100,000 and 1,000,000 vectors. For Flat
-(exact), IVF-PQ and HNSW, as the engine builds them (:mod:`cbir.index.vectors`): build
+(exact), IVF-PQ and HNSW, as the index builds them (:mod:`cbir.index.stores.faiss_index`): build
 time, memory, single-query latency (median, p99) and recall@10 against exact search.
 
 Part 2 (gpr-mini): index a copy of ``../shared/datasets/gpr-mini`` once with the default
@@ -34,7 +34,8 @@ from typing import Any
 import faiss
 import numpy as np
 
-from cbir.index import vectors as vec
+from cbir.index.stores import SearchParams
+from cbir.index.stores import faiss_index as fx
 
 DIM = 1280
 K = 10
@@ -143,10 +144,9 @@ def bench_size(n: int, args: argparse.Namespace) -> list[dict[str, Any]]:
             )
             print(json.dumps(rows[-1]), flush=True)
             continue
-        ids = np.arange(n, dtype=np.int64)
         before = rss_bytes()
         t = time.perf_counter()
-        index = vec.make_index(DIM, factory)
+        index = fx.make_index(DIM, factory)
         if not index.is_trained:
             sample = data[
                 np.sort(
@@ -156,8 +156,8 @@ def bench_size(n: int, args: argparse.Namespace) -> list[dict[str, Any]]:
             index.train(sample)
             del sample
         train_s = time.perf_counter() - t
-        for start in range(0, n, 100_000):
-            index.add_with_ids(data[start : start + 100_000], ids[start : start + 100_000])
+        for start in range(0, n, 100_000):  # positions = ids (the store maps them to catalogue ids)
+            index.add(data[start : start + 100_000])
         build_s = time.perf_counter() - t
         mem = rss_bytes() - before
         ivf = faiss.try_extract_index_ivf(index)
@@ -167,9 +167,8 @@ def bench_size(n: int, args: argparse.Namespace) -> list[dict[str, Any]]:
             else [("efSearch", e) for e in args.ef_search]
         )
         for name, value in settings:
-            params = vec.search_params(
-                index, value if name == "nprobe" else None, value if name == "efSearch" else None
-            )
+            setting = SearchParams(nprobe=value) if name == "nprobe" else SearchParams(ef_search=value)
+            params = fx.search_parameters(index, setting, None)
             _, found = index.search(queries, K, params=params)
             lat = summarise(latencies(index, queries, params))
             rows.append(

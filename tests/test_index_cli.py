@@ -1,22 +1,14 @@
-"""``cbir index/search/stats/duplicates`` end to end, including a kill -9 mid-run."""
+"""``cbir index/search/stats/duplicates`` end to end (kills mid-run: test_index_faults.py)."""
 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import sqlite3
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
-from conftest import make_image
 from typer.testing import CliRunner
 
 from cbir.cli.commands import app
-from cbir.index import Index
 
 runner = CliRunner()
 
@@ -105,52 +97,3 @@ def test_cli_errors_are_messages_not_tracebacks(
         "-q",
     )
     assert code == 1 and "needs at least 256" in out
-
-
-def _committed(db: Path) -> int:
-    path = db / "catalog.sqlite"
-    if not path.exists():
-        return 0
-    try:
-        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=1)
-        try:
-            return int(con.execute("SELECT COUNT(*) FROM images").fetchone()[0])
-        finally:
-            con.close()
-    except sqlite3.Error:  # created but schema not there yet
-        return 0
-
-
-@pytest.mark.slow
-def test_kill_9_during_index_then_rerun_resumes(tmp_path: Path, tiny_file: Path) -> None:
-    n = 60
-    images = tmp_path / "images"
-    for i in range(n):
-        make_image(images / f"{i:03d}.jpg", seed=3000 + i, size=(160, 120))
-    db = tmp_path / "db"
-    cmd = [sys.executable, "-m", "cbir.cli.main", "index", str(images), "--db", str(db)]
-    opts = ["--model", str(tiny_file), "-j", "0", "-b", "2", "-q", "--json"]
-    env = {**os.environ, "TQDM_DISABLE": "1"}
-    proc = subprocess.Popen(cmd + opts, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 300
-        while _committed(db) < 4 and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert proc.poll() is None, "the indexer finished before it could be killed"
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait()
-    assert proc.returncode == -signal.SIGKILL
-    committed = _committed(db)  # read after death: nothing more can land
-    assert 0 < committed < n
-
-    rerun = subprocess.run(cmd + opts, env=env, capture_output=True, text=True, timeout=300)
-    assert rerun.returncode == 0, rerun.stderr
-    report = json.loads(rerun.stdout)
-    assert report["extracted"] == n - committed  # finished work is not redone
-    assert report["unchanged"] == committed and report["images"] == n
-    with Index.open(db, readonly=True) as idx:
-        stats = idx.stats()
-        assert stats["images"] == stats["faiss_vectors"] == n and stats["failures"] == 0
-        for p in sorted(images.iterdir()):
-            assert idx.search(str(p), k=1)[0].path == str(p)

@@ -58,7 +58,7 @@ def server_url(tmp_path_factory: pytest.TempPathFactory, tiny_descriptor):
     base = tmp_path_factory.mktemp("web")
     for i in range(16):
         make_image(base / "photos" / f"photo_{i:02d}.jpg", seed=300 + i, size=(120, 90))
-    index = Index.open(base / "db", model=tiny_descriptor)
+    index = Index.create(base / "db", model=tiny_descriptor)
     index.sync([base / "photos"], progress=False, workers=0)
     app = create_app(index, ServeSettings(search_threads=2, refresh_seconds=0))
     with socket.socket() as s:
