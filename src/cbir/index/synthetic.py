@@ -152,7 +152,7 @@ class DescriptorModel:
 
     def batches(self, n: int, *, seed: int = 0, batch: int = 32_768) -> Iterator[np.ndarray]:
         """``n`` unit vectors (float32, ``dim`` wide) in batches of whole clusters of about
-        ``batch`` rows; the same ``seed`` gives the same vectors."""
+        ``batch`` rows; the same ``seed`` and ``batch`` give the same vectors."""
         rng = np.random.default_rng(seed)
         axes = self.axes()
         sizes = self.cluster_sizes(n, rng)
