@@ -46,7 +46,7 @@ def test_flat_limit_is_the_scan_size() -> None:
 def test_million_plan_fits_the_default_budget_and_refines() -> None:
     plan = plan_index(1_000_000, 1280)
     parts = parse_factory(plan.factory, 1280)
-    assert parts.nlist >= 2048 and parts.dim_out < 1280
+    assert parts.nlist >= 512 and parts.code_bytes <= 1280 / 4
     assert parts.refine_bytes > 0 and plan.k_factor and plan.nprobe
     assert estimate_memory(plan.factory, 1_000_000, 1280) <= ann.DEFAULT_MEMORY_BUDGET
     faiss.index_factory(1280, plan.factory, faiss.METRIC_INNER_PRODUCT)  # FAISS builds it
@@ -58,6 +58,12 @@ def test_budget_orders_the_refinement() -> None:
     default = parse_factory(plan_index(1_000_000, 1280).factory, 1280)
     small = parse_factory(plan_index(1_000_000, 1280, GiB).factory, 1280)
     assert big.refine_bytes > default.refine_bytes > small.refine_bytes > 0
+
+
+def test_dimension_not_a_multiple_of_16_is_rotated_and_padded() -> None:
+    plan = plan_index(1_000_000, 1000)
+    assert plan.factory.startswith("RR1008,")
+    assert faiss.index_factory(1000, plan.factory, faiss.METRIC_INNER_PRODUCT).d == 1000
 
 
 def test_budget_too_small_is_a_user_error() -> None:
@@ -75,12 +81,12 @@ def test_bad_arguments(bad: tuple[int, int, int | None]) -> None:
 
 def test_memory_estimate_counts_codes_ids_and_refinement() -> None:
     n, d = 100_000, 1280
-    assert estimate_memory("Flat", n, d) == n * (4 * d + ann.ID_MAP_BYTES)
+    assert estimate_memory("Flat", n, d) == n * (4 * d + ann.ID_BYTES)
     centroids, codebooks = 1024 * d * 4, 256 * d * 4
-    assert estimate_memory("IVF1024,PQ64", n, d) == pytest.approx(n * (64 + 8) + centroids + codebooks, rel=0.05)
+    assert estimate_memory("IVF1024,PQ64", n, d) == pytest.approx(n * (64 + 8 + 8) + centroids + codebooks, rel=0.05)
     with_sq8 = estimate_memory("IVF1024,PQ64,Refine(SQ8)", n, d)
     assert with_sq8 - estimate_memory("IVF1024,PQ64", n, d) == pytest.approx(
-        n * (d + ann.ID_MAP_BYTES), rel=0.01
+        n * d, rel=0.01
     )
     with pytest.raises(ValueError, match="cannot estimate"):
         estimate_memory("LSH", n, d)
@@ -96,13 +102,13 @@ def test_memory_estimate_matches_faiss_serialised_size() -> None:
         index.add(x)
         stored = faiss.serialize_index(index).nbytes
         estimated = estimate_memory(factory, n, d)
-        # the estimate includes the id map the store adds around non-IVF outer indexes
-        ids = ann.ID_MAP_BYTES * n if factory != "IVF64,PQ16x4fs" else 0
-        assert stored * 0.8 <= estimated - ids <= stored * 1.25, factory
+        # the estimate includes the store's position-to-id array
+        assert stored * 0.8 <= estimated - ann.ID_BYTES * n <= stored * 1.25, factory
 
 
 def test_train_sample_size() -> None:
     assert ann.train_sample_size("Flat", 10**6) == 0
+    assert ann.train_sample_size("IVF1024,PQ320x4fs", 10**6) == ann.MIN_TRAIN_SAMPLE
     assert ann.train_sample_size("PCAR256,IVF4096,PQ128x4fs", 10**6) == 40 * 4096
     assert ann.train_sample_size("PCAR256,IVF65536,PQ128x4fs", 10**8) == ann.MAX_TRAIN_SAMPLE
     assert ann.train_sample_size("IVF64,PQ16x4fs", 1_000) == 1_000

@@ -16,6 +16,7 @@ bench_app = typer.Typer(help="Score a descriptor on a retrieval benchmark.", no_
 app.add_typer(bench_app, name="bench")
 
 # Command modules register themselves on import.
+from cbir.cli import ann_cmds as _ann_cmds  # noqa: E402,F401
 from cbir.cli import describe_cmds as _describe_cmds  # noqa: E402,F401
 from cbir.cli import index_cmds as _index_cmds  # noqa: E402,F401
 from cbir.cli import revisited_cmds as _revisited_cmds  # noqa: E402,F401

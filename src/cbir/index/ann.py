@@ -8,17 +8,15 @@ hundred to a few thousand dimensions, searched by inner product):
 - **Small collections stay exact** (``Flat``): while a full scan reads at most
   :data:`FLAT_MAX_SCAN_BYTES` per query and fits the budget, exact search costs a few tens
   of milliseconds and has nothing to tune.
-- **Large collections** get a three-stage index (Jegou et al., "Product quantization for
+- **Large collections** get a two-stage index (Jegou et al., "Product quantization for
   nearest neighbor search", TPAMI 2011; André et al., "Quicker ADC", 2019, for the 4-bit
-  fast-scan codes): a PCA with a random rotation to :data:`REDUCED_DIM` dimensions
-  (``PCAR256``; the rotation spreads the variance evenly over the PQ sub-vectors), an
-  inverted file with about ``4 * sqrt(n)`` lists (``IVF4096`` at a million), 4-bit
-  fast-scan PQ codes of two dimensions each (``PQ128x4fs``, 64 bytes per vector) that are
-  scanned with SIMD lookups, and a **refinement** of the best ``k * k_factor`` candidates
-  on the full-dimensional vectors, stored as exactly as the budget allows (``RFlat`` >
-  ``Refine(SQfp16)`` > ``Refine(SQ8)`` > ``Refine(SQ4)``). The refinement is what gives
-  back the recall that compressed codes lose: the codes only have to put the true
-  neighbours somewhere in the candidate list, not in the right order.
+  fast-scan codes): an inverted file with about ``sqrt(n)`` lists (``IVF1024`` at a
+  million), 4-bit fast-scan PQ codes of four dimensions each (``PQ320x4fs``, 160 bytes
+  for 1280-d) that are scanned with SIMD lookups, and a **refinement** of the best
+  ``k * k_factor`` candidates on the full vectors, stored as exactly as the budget allows
+  (``RFlat`` > ``Refine(SQfp16)`` > ``Refine(SQ8)`` > ``Refine(SQ4)``). The codes only
+  have to put the true neighbours somewhere in the candidate list; the refinement orders
+  them. No PCA: it removes the low-variance axes in which near neighbours differ.
 
 Every plan carries its search defaults (``nprobe``, ``k_factor``) and
 :func:`train_sample_size` says how many vectors training needs, so a build trains on a
@@ -45,10 +43,10 @@ DEFAULT_MEMORY_BUDGET = 2 * GiB
 #: Exact search while one query scans at most this much (about 52,000 vectors of 1280-d,
 #: a few tens of ms per query on one core; see docs/ann.md).
 FLAT_MAX_SCAN_BYTES = 256 * MiB
-#: Dimension the large-collection plan reduces to before the inverted file.
-REDUCED_DIM = 256
-#: Inverted lists per square root of the collection size (FAISS's guideline is 4-16).
-LISTS_PER_SQRT_N = 4
+#: Inverted lists per square root of the collection size. FAISS's guideline (4-16) is
+#: for lists scanned code by code; fast-scan codes are cheap to scan and k-means on
+#: full-dimensional vectors is not, so fewer, longer lists (1,024 at a million).
+LISTS_PER_SQRT_N = 1
 #: k-means training points per inverted list (FAISS warns below 39).
 TRAIN_POINTS_PER_LIST = 40
 #: Bounds of the training sample (PCA and the refinement's scalar quantiser want a few
@@ -68,9 +66,9 @@ _REFINEMENTS: tuple[tuple[str, float], ...] = (
     ("Refine(SQ8)", 1.0),
     ("Refine(SQ4)", 0.5),
 )
-#: Per-vector cost of the id map FAISS needs when the outer index cannot store ids itself
-#: (``IndexIDMap2``: the id array plus a hash-map entry for the reverse lookup).
-ID_MAP_BYTES = 40
+#: Per-vector cost of the store's map from index positions to catalogue ids (a sorted
+#: int64 array beside every index type).
+ID_BYTES = 8
 
 
 class MemoryBudgetError(CbirError, ValueError):
@@ -93,23 +91,27 @@ def plan_index(n: int, dim: int, memory_budget: int | None = None) -> IndexPlan:
     """The index for ``n`` vectors of ``dim`` dimensions within ``memory_budget`` bytes
     (default :data:`DEFAULT_MEMORY_BUDGET`).
 
-    Exact ``Flat`` while a scan is cheap and fits; above that the most precise
-    PCA + IVF + fast-scan PQ + refinement plan whose estimated memory fits the budget.
+    Exact ``Flat`` while a scan is cheap and fits; above that :func:`ann_plan`.
     Raises :class:`MemoryBudgetError` when not even the smallest candidate fits.
     """
-    if n < 0 or dim < 1:
-        raise ValueError(f"need n >= 0 and dim >= 1, got n={n}, dim={dim}")
-    budget = DEFAULT_MEMORY_BUDGET if memory_budget is None else int(memory_budget)
-    if budget <= 0:
-        raise ValueError(f"memory budget must be positive, got {budget}")
-    usable = budget * BUDGET_SHARE
-    flat_bytes = estimate_memory("Flat", n, dim)
-    if n * dim * 4 <= FLAT_MAX_SCAN_BYTES and flat_bytes <= usable:
+    budget = _check(n, dim, memory_budget)
+    scan = n * dim * 4
+    if scan <= FLAT_MAX_SCAN_BYTES and estimate_memory("Flat", n, dim) <= budget * BUDGET_SHARE:
         return IndexPlan(
             "Flat",
-            reason=f"{n:,} vectors: exact search scans {_mb(n * dim * 4)} per query "
+            reason=f"{n:,} vectors: exact search scans {_mb(scan)} per query "
             f"(at most {_mb(FLAT_MAX_SCAN_BYTES)} stays exact)",
         )
+    return ann_plan(n, dim, budget)
+
+
+def ann_plan(n: int, dim: int, memory_budget: int | None = None) -> IndexPlan:
+    """The large-collection plan for ``n`` vectors, whatever their number: the most precise
+    PCA + IVF + fast-scan PQ + refinement combination whose estimated memory fits the
+    budget. :func:`plan_index` uses it above the exact-search limit; benchmarks apply it
+    to small collections too, to measure it on real descriptors."""
+    budget = _check(n, dim, memory_budget)
+    usable = budget * BUDGET_SHARE
     tried = []
     # a refinement matters more to recall than finer codes: try every base with the
     # most precise refinement before any base with a coarser one
@@ -119,7 +121,7 @@ def plan_index(n: int, dim: int, memory_budget: int | None = None) -> IndexPlan:
             need = estimate_memory(factory, n, dim)
             tried.append((factory, need))
             if need <= usable:
-                return _ann_plan(factory, n, dim, need, budget, flat_bytes)
+                return _ann_plan(factory, n, dim, need, budget)
     smallest = min(tried, key=lambda t: t[1])
     raise MemoryBudgetError(
         f"no index for {n:,} vectors of {dim} dimensions fits a memory budget of "
@@ -128,23 +130,30 @@ def plan_index(n: int, dim: int, memory_budget: int | None = None) -> IndexPlan:
     )
 
 
+def _check(n: int, dim: int, memory_budget: int | None) -> int:
+    if n < 0 or dim < 1:
+        raise ValueError(f"need n >= 0 and dim >= 1, got n={n}, dim={dim}")
+    budget = DEFAULT_MEMORY_BUDGET if memory_budget is None else int(memory_budget)
+    if budget <= 0:
+        raise ValueError(f"memory budget must be positive, got {budget}")
+    return budget
+
+
 def _ann_bases(n: int, dim: int) -> list[str]:
-    """The compressed first stages, most precise first: PCA (when it reduces), IVF and
-    4-bit fast-scan PQ with 2, then 4, then 8 dimensions per sub-quantiser."""
-    reduced = min(dim, REDUCED_DIM)
-    pre = f"PCAR{reduced}," if reduced < dim else ""
+    """The compressed first stages, most precise first: IVF and 4-bit fast-scan PQ on the
+    full dimension with 4, then 8, then 16 dimensions per sub-quantiser. No PCA: on
+    descriptors it drops the small-variance axes in which close neighbours differ, and no
+    refinement depth gets that back (docs/ann.md). A dimension that is not a multiple of
+    16 is padded by a random rotation (``RR``) first, as PQ needs equal sub-vectors."""
+    padded = -(-dim // 16) * 16
+    pre = f"RR{padded}," if padded != dim else ""
     nlist = ivf_lists(n)
-    bases = []
-    for dims_per_code in (2, 4, 8):
-        m = max(2, reduced // dims_per_code)
-        m -= m % 2  # fast-scan packs two 4-bit codes per byte
-        if reduced % m == 0:
-            bases.append(f"{pre}IVF{nlist},PQ{m}x4fs")
-    return bases
+    return [f"{pre}IVF{nlist},PQ{padded // per}x4fs" for per in (4, 8, 16)]
 
 
-def _ann_plan(factory: str, n: int, dim: int, need: int, budget: int, flat_bytes: int) -> IndexPlan:
+def _ann_plan(factory: str, n: int, dim: int, need: int, budget: int) -> IndexPlan:
     parts = parse_factory(factory, dim)
+    flat_bytes = estimate_memory("Flat", n, dim)
     nprobe = default_nprobe(parts.nlist)
     k_factor = DEFAULT_K_FACTOR if parts.refine_bytes else None
     refine = f"refined on {parts.refine_label}" if parts.refine_bytes else "no refinement fits"
@@ -157,8 +166,9 @@ def _ann_plan(factory: str, n: int, dim: int, need: int, budget: int, flat_bytes
 
 
 def ivf_lists(n: int) -> int:
-    """Inverted lists for ``n`` vectors: the power of two nearest ``4 * sqrt(n)``, at least
-    64 and with at least 64 vectors per list on average."""
+    """Inverted lists for ``n`` vectors: the power of two nearest
+    ``LISTS_PER_SQRT_N * sqrt(n)``, at least 64 and with at least 64 vectors per list on
+    average."""
     target = LISTS_PER_SQRT_N * math.sqrt(max(n, 1))
     nlist = 2 ** round(math.log2(max(target, 1.0)))
     while nlist > 64 and n / nlist < 64:
@@ -200,7 +210,6 @@ class FactoryParts:
     refine_bytes: float = 0.0  #: per vector, refinement copy
     refine_label: str = ""
     trains: bool = False
-    native_ids: bool = False  #: the outer index stores catalogue ids itself (IVF)
 
 
 _SPLIT = re.compile(r",(?![^()]*\))")
@@ -208,19 +217,19 @@ _SPLIT = re.compile(r",(?![^()]*\))")
 
 def parse_factory(factory: str, dim: int = 1) -> FactoryParts:
     """Split ``factory`` into the parts the byte model needs. Knows the components the
-    planner and ``cbir bench ann`` use (PCA/PCAR/OPQ, IVF, HNSW, Flat, PQ, SQ, RFlat,
+    planner and ``cbir bench ann`` use (PCA/PCAR/OPQ/RR, IVF, HNSW, Flat, PQ, SQ, RFlat,
     Refine(...)); anything else is a :class:`ValueError` rather than a wrong estimate."""
     parts = FactoryParts(dim_out=dim)
     tokens = [t.strip() for t in _SPLIT.split(factory) if t.strip()]
-    for i, token in enumerate(tokens):
-        if not _apply_token(parts, token, dim, first=i == 0):
+    for token in tokens:
+        if not _apply_token(parts, token, dim):
             raise ValueError(f"cannot estimate the memory of {token!r} in {factory!r}")
     return parts
 
 
-def _apply_token(p: FactoryParts, token: str, dim: int, *, first: bool) -> bool:
+def _apply_token(p: FactoryParts, token: str, dim: int) -> bool:
     d = p.dim_out
-    if m := re.fullmatch(r"(?:PCAR?W?|PCAW?R)(\d+)|OPQ\d+_(\d+)", token):
+    if m := re.fullmatch(r"(?:PCAR?W?|PCAW?R|RR)(\d+)|OPQ\d+_(\d+)", token):
         out = int(m.group(1) or m.group(2))
         p.fixed_bytes += (d * out + d) * 4
         p.dim_out, p.trains = out, True
@@ -232,7 +241,7 @@ def _apply_token(p: FactoryParts, token: str, dim: int, *, first: bool) -> bool:
         links = int(m.group(2)) * 2 * 4 if m.group(2) else 0
         p.fixed_bytes += p.nlist * (d * 4 + links + 48)
         p.per_vector_bytes += 8  # the id stored beside each code in its list
-        p.trains, p.native_ids = True, first or p.native_ids
+        p.trains = True
     elif m := re.fullmatch(r"HNSW(\d+)(?:_(.+))?", token):
         p.per_vector_bytes += int(m.group(1)) * 2 * 4 * 1.05 + 16
         p.code_bytes += _code_bytes(m.group(2) or "Flat", d, p)
@@ -269,13 +278,10 @@ def _code_bytes(token: str, d: int, p: FactoryParts) -> float:
 
 def estimate_memory(factory: str, n: int, dim: int) -> int:
     """Bytes an index built from ``factory`` holds for ``n`` vectors of ``dim`` dimensions:
-    codes, ids, graph links, refinement copy, matrices and codebooks, and the id map an
-    outer index without native ids is wrapped in. A model, not a measurement: ``cbir bench
-    ann`` prints both."""
+    codes, ids, graph links, refinement copy, matrices and codebooks, and the store's
+    position-to-id array. A model, not a measurement: ``cbir bench ann`` prints both."""
     parts = parse_factory(factory, dim)
-    per_vector = parts.code_bytes + parts.per_vector_bytes + parts.refine_bytes
-    if parts.refine_bytes or not parts.native_ids:
-        per_vector += ID_MAP_BYTES
+    per_vector = parts.code_bytes + parts.per_vector_bytes + parts.refine_bytes + ID_BYTES
     return int(math.ceil(parts.fixed_bytes + n * per_vector))
 
 
