@@ -113,9 +113,24 @@ def test_page_and_static_assets(client: TestClient) -> None:
     assert "default-src 'self'" in r.headers["content-security-policy"]
     assert r.headers["x-content-type-options"] == "nosniff"
     assert client.get("/openapi.json").json()["paths"].keys() >= {
-        "/search", "/images", "/images/{image_id}", "/thumbnails/{image_id}", "/health", "/stats"
+        "/search", "/images", "/images/{image_id}", "/images/{image_id}/info", "/thumbnails/{image_id}",
+        "/health", "/stats"
     }
-    assert client.get("/docs").status_code == 200
+
+
+def test_api_docs_are_served_by_the_app(client: TestClient) -> None:
+    """Swagger UI from the fastapi-offline package, under the same strict CSP: no CDN."""
+    r = client.get("/docs")
+    assert r.status_code == 200 and "default-src 'self'" in r.headers["content-security-policy"]
+    assert "http" not in r.text and "<script>" not in r.text  # no external or inline script
+    for asset, kind, marker in (
+        ("static/swagger/swagger-ui-bundle.js", "javascript", b"SwaggerUIBundle"),
+        ("static/swagger/swagger-ui.css", "text/css", b".swagger-ui"),
+        ("static/docs.js", "javascript", b'url: "openapi.json"'),
+    ):
+        assert f'"{asset}"' in r.text
+        a = client.get("/" + asset)
+        assert a.status_code == 200 and kind in a.headers["content-type"] and marker in a.content
 
 
 def test_search_by_upload(client: TestClient, collection: Path) -> None:
@@ -147,6 +162,64 @@ def test_search_by_id_and_options(client: TestClient, index: Index) -> None:
     assert r.status_code == 200 and r.json()["count"] == 4
     sub = client.post("/search", data={"id": str(qid), "k": "12"}).json()["results"]
     assert {"sub/a.png", "sub/b.png"} <= {h["path"] for h in sub}
+
+
+def test_min_score_drops_less_similar_results(client: TestClient, index: Index) -> None:
+    qid = _some_id(index)
+    everything = client.post("/search", data={"id": str(qid), "k": "12"}).json()
+    scores = [h["score"] for h in everything["results"]]
+    cut = scores[5]
+    r = client.post("/search", data={"id": str(qid), "k": "12", "min_score": str(cut)}).json()
+    assert r["min_score"] == cut and [h["score"] for h in r["results"]] == [s for s in scores if s >= cut]
+    assert client.post("/search", data={"id": str(qid), "min_score": "1.5"}).status_code == 422
+
+
+def test_collection_is_listed_page_by_page(client: TestClient, index: Index) -> None:
+    first = client.get("/images", params={"limit": 5}).json()
+    assert first["total"] == len(index) == 12 and first["offset"] == 0 and len(first["items"]) == 5
+    pages = [first] + [client.get("/images", params={"offset": o, "limit": 5}).json() for o in (5, 10)]
+    items = [item for page in pages for item in page["items"]]
+    assert [len(p["items"]) for p in pages] == [5, 5, 2]
+    ids = [item["id"] for item in items]
+    assert ids == sorted(ids) and len(set(ids)) == 12  # catalogue order, each once
+    assert {item["path"] for item in items} >= {"img_00.jpg", "sub/a.png"}
+    assert all(i["thumbnail"] == f"/thumbnails/{i['id']}" and i["image"] == f"/images/{i['id']}" for i in items)
+    assert client.get("/images", params={"offset": 50}).json()["items"] == []
+    for bad in ({"limit": 0}, {"limit": 201}, {"offset": -1}, {"offset": 2**63}):
+        r = client.get("/images", params=bad)
+        assert r.status_code == 422 and _error(r)["code"] == "invalid_request"
+
+
+def test_image_info_from_the_header(client: TestClient, index: Index, collection: Path) -> None:
+    qid = _some_id(index)
+    info = client.get(f"/images/{qid}/info").json()
+    assert info["path"] == "img_00.jpg" and info["format"] == "JPEG"
+    assert (info["width"], info["height"]) == (96, 72)  # make_image's default size
+    assert info["bytes"] == (collection / "img_00.jpg").stat().st_size
+    assert info["image"] == f"/images/{qid}"
+    assert client.get("/images/987654/info").status_code == 404
+
+
+def test_every_cbir_error_is_mapped_by_its_class(index: Index, settings: ServeSettings, monkeypatch) -> None:
+    """One handler: a CbirError subclass raised anywhere answers its own status and code."""
+    from cbir.errors import CbirError
+
+    class Busy(CbirError):
+        http_status = 503
+        code = "index_busy"
+
+    def busy(*args, **kwargs):
+        raise Busy("another process is writing to the index")
+
+    app = create_app(index, settings)
+    monkeypatch.setattr(index, "stats", busy)
+    with TestClient(app, raise_server_exceptions=False) as c:
+        r = c.get("/stats")
+        assert r.status_code == 503
+        assert _error(r) == {"status": 503, "code": "index_busy", "message": "another process is writing to the index"}
+        monkeypatch.setattr(index, "stats", lambda: (_ for _ in ()).throw(CbirError("plain")))
+        r = c.get("/health")
+        assert r.status_code == 400 and _error(r)["code"] == "bad_request"
 
 
 @pytest.mark.parametrize(
