@@ -5,7 +5,7 @@ images from there, narrow the results with the similarity cut-off, search by an 
 and load ``/docs`` with every request off this machine blocked (Swagger UI is served by
 the app). Screenshots go to test-artifacts/. ``scripts/test.sh`` installs the browser
 (``scripts/install_browser.sh``); where Playwright or the browser is missing the tests
-are skipped and say why.
+are skipped and say why, except in CI (``CI=true``), where that is a failure.
 """
 
 from __future__ import annotations
@@ -43,20 +43,28 @@ ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 PHOTOS = 16
 
 
+def _unavailable(reason: str) -> None:
+    """Skip, saying why; in CI (``CI=true``, where scripts/test.sh installs the browser)
+    fail instead, so the browser tests cannot silently stop running."""
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        pytest.fail(f"browser tests cannot run in CI: {reason}")
+    pytest.skip(reason)
+
+
 @pytest.fixture(scope="module")
 def browser():
     try:
         from playwright.sync_api import Error as PlaywrightError
         from playwright.sync_api import sync_playwright
     except ImportError:
-        pytest.skip("the playwright Python package is not installed (pip install -e '.[test]')")
+        _unavailable("the playwright Python package is not installed (pip install -e '.[test]')")
     if not os.path.exists(CHROMIUM):
-        pytest.skip(f"no browser at {CHROMIUM}: run scripts/install_browser.sh (needs apt)")
+        _unavailable(f"no browser at {CHROMIUM}: run scripts/install_browser.sh (needs apt)")
     with sync_playwright() as p:
         try:
             b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
         except PlaywrightError as exc:
-            pytest.skip(f"cannot launch {CHROMIUM}: {str(exc).splitlines()[0]}")
+            _unavailable(f"cannot launch {CHROMIUM}: {str(exc).splitlines()[0]}")
         yield b
         b.close()
 
