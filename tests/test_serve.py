@@ -16,6 +16,7 @@ from conftest import make_image
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from cbir.errors import CbirError
 from cbir.index import Index
 from cbir.serve import ServeConfigError, ServeSettings, create_app
 from cbir.serve.security import (
@@ -198,28 +199,6 @@ def test_image_info_from_the_header(client: TestClient, index: Index, collection
     assert info["bytes"] == (collection / "img_00.jpg").stat().st_size
     assert info["image"] == f"/images/{qid}"
     assert client.get("/images/987654/info").status_code == 404
-
-
-def test_every_cbir_error_is_mapped_by_its_class(index: Index, settings: ServeSettings, monkeypatch) -> None:
-    """One handler: a CbirError subclass raised anywhere answers its own status and code."""
-    from cbir.errors import CbirError
-
-    class Busy(CbirError):
-        http_status = 503
-        code = "index_busy"
-
-    def busy(*args, **kwargs):
-        raise Busy("another process is writing to the index")
-
-    app = create_app(index, settings)
-    monkeypatch.setattr(index, "stats", busy)
-    with TestClient(app, raise_server_exceptions=False) as c:
-        r = c.get("/stats")
-        assert r.status_code == 503
-        assert _error(r) == {"status": 503, "code": "index_busy", "message": "another process is writing to the index"}
-        monkeypatch.setattr(index, "stats", lambda: (_ for _ in ()).throw(CbirError("plain")))
-        r = c.get("/health")
-        assert r.status_code == 400 and _error(r)["code"] == "bad_request"
 
 
 @pytest.mark.parametrize(
@@ -504,17 +483,38 @@ def test_unknown_route_and_method_are_json(client: TestClient) -> None:
     assert r.status_code == 405 and _error(r)
 
 
-def test_internal_errors_do_not_leak(index: Index, settings: ServeSettings, monkeypatch) -> None:
-    def boom(*args, **kwargs):
-        raise RuntimeError("secret /home/user/path detail")
+class _Busy(CbirError):
+    http_status = 503
+    code = "index_busy"
+
+
+@pytest.mark.parametrize(
+    ("error", "status", "code"),
+    [
+        (_Busy("another process is writing"), 503, "index_busy"),  # a class's own status and code
+        (CbirError("plain"), 400, "bad_request"),  # the base's defaults
+        (RuntimeError("secret /home/user/path detail"), 500, "internal_error"),  # a bug
+    ],
+)
+def test_errors_are_mapped_by_class_and_bugs_do_not_leak(
+    index: Index, settings: ServeSettings, monkeypatch, error: Exception, status: int, code: str
+) -> None:
+    """One handler for every CbirError; anything else is a 500 naming the request id."""
+
+    def fail(*args, **kwargs):
+        raise error
 
     app = create_app(index, settings)
-    monkeypatch.setattr(index, "stats", boom)
+    monkeypatch.setattr(index, "stats", fail)
     with TestClient(app, raise_server_exceptions=False) as c:
         r = c.get("/stats")
-    assert r.status_code == 500
+    assert r.status_code == status
     err = _error(r)
-    assert "secret" not in err["message"] and r.headers["x-request-id"] in err["message"]
+    assert err["code"] == code
+    if isinstance(error, CbirError):
+        assert err["message"] == str(error)
+    else:
+        assert "secret" not in err["message"] and r.headers["x-request-id"] in err["message"]
 
 
 def test_requests_are_logged(client: TestClient, caplog: pytest.LogCaptureFixture) -> None:

@@ -17,7 +17,6 @@ import socket
 import struct
 import subprocess
 import sys
-import threading
 import time
 import zlib
 from collections.abc import Iterator
@@ -26,12 +25,12 @@ from pathlib import Path
 import pytest
 from conftest import make_image
 from fastapi.testclient import TestClient
+from live_server import free_port, running_server
 from PIL import Image, ImageFile
 
 from cbir.data.decode import check_image, decode_memory, image_size, load_image, read_header
 from cbir.index import Index
 from cbir.serve import ServeSettings, create_app
-from cbir.serve.server import uvicorn_config
 
 TOKEN = "hardening-token-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -279,45 +278,40 @@ def test_upload_is_written_only_under_the_writer_lock(index: Index, client: Test
 
 # -- connections: slowloris, slow bodies, the cap (a real uvicorn on loopback) ---------------------
 @pytest.fixture
-def live_server(index: Index, tmp_path: Path) -> Iterator[tuple[int, ServeSettings]]:
-    import uvicorn
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+def live_server(index: Index) -> Iterator[tuple[int, ServeSettings]]:
     settings = ServeSettings(
-        port=port, search_threads=1, refresh_seconds=0, log_requests=False,
+        port=free_port(), search_threads=1, refresh_seconds=0, log_requests=False,
         header_timeout=2.0, body_timeout=1.0, body_min_rate=1000, max_connections=150,
     )
-    server = uvicorn.Server(uvicorn_config(create_app(index, settings), settings, log_level="error"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
-        time.sleep(0.05)
-    yield port, settings
-    server.should_exit = True
-    thread.join(timeout=10)
+    with running_server(index, settings) as port:
+        yield port, settings
 
 
-def _connect(port: int) -> socket.socket:
-    s = socket.create_connection(("127.0.0.1", port), timeout=5)
-    s.setblocking(False)
-    return s
+def slow_clients(port: int, count: int, start: bytes, trickle: bytes, trickle_for: float) -> tuple[list[bytes], int]:
+    """``count`` connections that send ``start``, then trickle ``trickle`` every 0.2 s for
+    ``trickle_for`` seconds (slowloris: bytes keep coming, so a timer reset by each byte
+    never fires), then read until the server has closed them all (20 s at most).
 
-
-def _closed_by_server(
-    sockets: list[socket.socket], within: float, trickle: bytes, trickle_for: float
-) -> tuple[list[bytes], int]:
-    """Trickle ``trickle`` into every socket every 0.2 s for ``trickle_for`` seconds (a
-    slowloris client: bytes keep coming, so a timer reset by each byte never fires), then
-    read until the server has closed them all or ``within`` seconds have passed.
-
-    Returns what each socket received and how many are still open. (The trickle stops
+    Returns what each connection received and how many are still open. (The trickle stops
     before the deadline: bytes sent into a socket the server has closed would make the
     kernel reset it and drop the 408 not yet read.)
     """
+    sockets = []
+    try:
+        for _ in range(count):
+            s = socket.create_connection(("127.0.0.1", port), timeout=5)
+            s.setblocking(False)
+            s.send(start)
+            sockets.append(s)
+        return _until_closed(sockets, trickle, trickle_for, within=20)
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def _until_closed(
+    sockets: list[socket.socket], trickle: bytes, trickle_for: float, within: float
+) -> tuple[list[bytes], int]:
     received = [b""] * len(sockets)
     open_ = set(range(len(sockets)))
     start = time.monotonic()
@@ -344,16 +338,8 @@ def test_slowloris_connections_are_cut_off_and_capped(live_server: tuple[int, Se
     others get 408 at the 2 s header deadline. None is left open (uvicorn alone: all 200,
     for as long as they trickle)."""
     port, settings = live_server
-    sockets = []
-    for _ in range(200):
-        s = _connect(port)
-        s.send(b"GET /health HTTP/1.1\r\nHost: x\r\n")
-        sockets.append(s)
-    try:
-        received, still_open = _closed_by_server(sockets, within=20, trickle=b"X-a: b\r\n", trickle_for=1.2)
-    finally:
-        for s in sockets:
-            s.close()
+    start = b"GET /health HTTP/1.1\r\nHost: x\r\n"
+    received, still_open = slow_clients(port, 200, start, trickle=b"X-a: b\r\n", trickle_for=1.2)
     assert still_open == 0
     statuses = [r.split(b"\r\n", 1)[0] for r in received]
     assert statuses.count(b"HTTP/1.1 503 Service Unavailable") == 200 - settings.max_connections
@@ -372,14 +358,7 @@ def test_slow_request_bodies_are_cut_off(live_server: tuple[int, ServeSettings])
         b"POST /search HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
         b"Content-Length: 100000\r\n\r\n--b\r\n"
     )
-    sockets = [_connect(port) for _ in range(5)]
-    for s in sockets:
-        s.send(head)
-    try:
-        received, still_open = _closed_by_server(sockets, within=20, trickle=b"x", trickle_for=0.6)
-    finally:
-        for s in sockets:
-            s.close()
+    received, still_open = slow_clients(port, 5, head, trickle=b"x", trickle_for=0.6)
     assert still_open == 0
     assert all(r.startswith(b"HTTP/1.1 408") for r in received), received
     body = b'--b\r\nContent-Disposition: form-data; name="id"\r\n\r\n1\r\n--b--\r\n'

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,10 +19,10 @@ from urllib.parse import urlparse
 
 import pytest
 from conftest import make_image
+from live_server import free_port, running_server
 
 from cbir.index import Index
-from cbir.serve import ServeSettings, create_app
-from cbir.serve.server import uvicorn_config
+from cbir.serve import ServeSettings
 
 CHROMIUM = os.environ.get("CBIR_CHROMIUM", "/usr/bin/chromium")
 #: The flags this machine needs (/work/.library/env/machines/python.md): as root, no
@@ -71,30 +69,15 @@ def browser():
 
 @pytest.fixture(scope="module")
 def server_url(tmp_path_factory: pytest.TempPathFactory, tiny_descriptor) -> Iterator[tuple[str, Path]]:
-    """A real uvicorn server on loopback (the browser needs a socket, not a test client),
-    configured as ``cbir serve`` configures it."""
-    import uvicorn
-
+    """A real uvicorn server on loopback (the browser needs a socket, not a test client)."""
     base = tmp_path_factory.mktemp("web")
     for i in range(PHOTOS):
         make_image(base / "photos" / f"photo_{i:02d}.jpg", seed=300 + i, size=(120, 90))
-    index = Index.open(base / "db", model=tiny_descriptor)
-    index.sync([base / "photos"], progress=False, workers=0)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    settings = ServeSettings(port=port, search_threads=2, refresh_seconds=0, log_requests=False)
-    server = uvicorn.Server(uvicorn_config(create_app(index, settings), settings, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}/", base / "photos"
-    server.should_exit = True
-    thread.join(timeout=10)
-    index.close()
+    with Index.open(base / "db", model=tiny_descriptor) as index:
+        index.sync([base / "photos"], progress=False, workers=0)
+        settings = ServeSettings(port=free_port(), search_threads=2, refresh_seconds=0, log_requests=False)
+        with running_server(index, settings) as port:
+            yield f"http://127.0.0.1:{port}/", base / "photos"
 
 
 @pytest.fixture

@@ -7,12 +7,17 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 
-class SearchResult(BaseModel):
+class ImageRef(BaseModel):
+    """An indexed image as every response names it."""
+
     id: int
     path: str = Field(description="Relative to the indexed folder; uploads: uploads/<name>.")
+    thumbnail: str = Field(description="URL of a JPEG thumbnail.")
+    image: str = Field(description="URL of the original file.")
+
+
+class SearchResult(ImageRef):
     score: float = Field(description="Cosine similarity to the query (1: the same image).")
-    thumbnail: str
-    image: str
 
 
 class SearchResponse(BaseModel):
@@ -24,30 +29,19 @@ class SearchResponse(BaseModel):
     results: list[SearchResult]
 
 
-class CollectionItem(BaseModel):
-    id: int
-    path: str
-    thumbnail: str
-    image: str
-
-
 class CollectionPage(BaseModel):
     total: int = Field(description="Indexed images in the collection.")
     offset: int
     limit: int
-    items: list[CollectionItem]
+    items: list[ImageRef]
 
 
-class ImageInfo(BaseModel):
-    id: int
-    path: str
+class ImageInfo(ImageRef):
     format: str | None
     width: int = Field(description="Upright width in pixels (after EXIF orientation).")
     height: int
     bytes: int = Field(description="File size.")
     modified: float = Field(description="File modification time, Unix seconds.")
-    thumbnail: str
-    image: str
 
 
 class AddResponse(BaseModel):
