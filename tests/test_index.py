@@ -18,10 +18,10 @@ from cbir.index import (
     Index,
     IndexBusyError,
     IndexError_,
+    IndexNotFoundError,
     IndexNotTrainedError,
     QueryError,
 )
-from cbir.index import vectors as vec
 
 SYNC = {"progress": False, "workers": 0, "batch_size": 4}
 
@@ -39,7 +39,7 @@ def tiny_file(tiny_descriptor, tmp_path_factory) -> Path:
 
 @pytest.fixture
 def index(tmp_path: Path, image_dir: Path, tiny_file: Path):
-    idx = Index.open(tmp_path / "db", model=tiny_file)
+    idx = Index.create(tmp_path / "db", model=tiny_file)
     report = idx.sync([image_dir], **SYNC)
     assert report.added == 12 and report.extracted == 12
     yield idx
@@ -181,7 +181,7 @@ def test_query_expansion_matches_formula(index: Index) -> None:
 
 def test_dba_indexes_augmented_vectors(tmp_path: Path, image_dir: Path, tiny_file: Path) -> None:
     k, alpha = 2, 3.0
-    with Index.open(tmp_path / "db", model=tiny_file, dba=k, dba_alpha=alpha) as idx:
+    with Index.create(tmp_path / "db", model=tiny_file, dba=k, dba_alpha=alpha) as idx:
         idx.sync([image_dir], **SYNC)
         ids, x = stored_matrix(idx)  # raw vectors are kept
         sims = x @ x.T
@@ -234,47 +234,61 @@ def test_folder_is_self_contained_and_readonly_open(
         )
         with pytest.raises(IndexError_, match="read-only"):
             idx.sync([image_dir], **SYNC)
-    with pytest.raises(IndexError_, match="no index"):
-        Index.open(tmp_path / "nothing", create=False)
+    with pytest.raises(IndexNotFoundError, match="no index"):
+        Index.open(tmp_path / "nothing")
+    assert not (tmp_path / "nothing").exists()  # opening never creates
 
 
-def test_stale_or_corrupt_faiss_cache_is_rebuilt(
+def test_damaged_store_files_are_repaired_from_the_catalogue(
     index: Index, tmp_path: Path, image_dir: Path
 ) -> None:
     folder = tmp_path / "db"
+    index.remove([image_dir / "img_09.jpg"])
+    assert index.compact()  # a base file (11 vectors) and an empty journal
+    index.add([image_dir / "img_09.jpg"], **SYNC)  # one journal segment
     index.close()
-    caches = list(folder.glob("vectors-*.faiss"))
-    assert len(caches) == 1
-    caches[0].write_bytes(b"garbage")  # a torn write cannot happen (atomic), but disks fail
-    with Index.open(folder) as idx:
-        assert idx.search(str(image_dir / "img_07.jpg"), k=1)[0].path == str(
-            image_dir / "img_07.jpg"
-        )
-    # a cache from an older generation (crash between SQLite commit and cache save)
-    gen = int(caches[0].name.split("-")[1].split(".")[0])
-    caches[0].rename(folder / f"vectors-{gen - 1}.faiss")
-    with Index.open(folder) as idx:
-        assert idx.stats()["faiss_vectors"] == 12
-        assert (folder / f"vectors-{gen}.faiss").is_file()
-        assert not (folder / f"vectors-{gen - 1}.faiss").exists()
+    files = sorted(str(p) for p in image_dir.rglob("*") if p.is_file())
+
+    def check() -> None:
+        with Index.open(folder) as idx:
+            assert idx.stats()["faiss_vectors"] == idx.stats()["images"] == 12
+            for f in files:
+                assert idx.search(f, k=1)[0].path == f
+
+    base = next((folder / "vectors").glob("base-*.faiss"))
+    data = bytearray(base.read_bytes())
+    data[-100] ^= 0x40  # one flipped bit in a vector: FAISS would load it without a word
+    base.write_bytes(bytes(data))
+    check()  # checksum mismatch: rebuilt from the catalogue
+    journal = next((folder / "vectors").glob("journal-*.log"))
+    journal.write_bytes(journal.read_bytes()[:-10])  # torn segment: reconciled by ids
+    check()
+    (folder / "vectors" / "store.json").unlink()
+    check()
+    assert sorted(p.name for p in (folder / "vectors").iterdir())[-1] == "store.json"
 
 
-def test_crash_before_cache_save_leaves_a_consistent_index(
-    index: Index, tmp_path: Path, image_dir: Path, monkeypatch: pytest.MonkeyPatch
+def test_fault_between_journal_and_commit_leaves_a_consistent_index(
+    index: Index, tmp_path: Path, image_dir: Path
 ) -> None:
+    from cbir.index import faults
+
     (image_dir / "img_00.jpg").unlink()
     make_image(image_dir / "late.jpg", seed=901)
-
-    def crash(*args, **kwargs):
-        raise KeyboardInterrupt("simulated crash after the SQLite commit")
-
-    monkeypatch.setattr(vec, "save_cache", crash)
-    with pytest.raises(KeyboardInterrupt):
-        index.sync([image_dir], **SYNC)
-    monkeypatch.undo()
+    faults.configure("commit.before:raise")
+    try:
+        with pytest.raises(faults.FaultInjected):
+            index.sync([image_dir], **SYNC)
+    finally:
+        faults.configure(None)
+    # the journal got a segment the catalogue never committed: the same handle and a new
+    # one both see the catalogue's state, and the next sync completes
+    files = sorted(str(p) for p in image_dir.rglob("*") if p.is_file())
+    assert index.stats()["faiss_vectors"] == index.stats()["images"]
     index.close()
     with Index.open(tmp_path / "db") as idx:
-        files = sorted(str(p) for p in image_dir.rglob("*") if p.is_file())
+        assert idx.stats()["faiss_vectors"] == idx.stats()["images"]
+        idx.sync([image_dir], **SYNC)
         assert idx.stats()["images"] == idx.stats()["faiss_vectors"] == len(files)
         for f in files:
             assert idx.search(f, k=1)[0].path == f
@@ -282,7 +296,7 @@ def test_crash_before_cache_save_leaves_a_consistent_index(
 
 
 def test_hnsw_and_ivf_types(tmp_path: Path, image_dir: Path, tiny_file: Path) -> None:
-    with Index.open(tmp_path / "hnsw", model=tiny_file, factory="HNSW8") as idx:
+    with Index.create(tmp_path / "hnsw", model=tiny_file, factory="HNSW8") as idx:
         idx.sync([image_dir], **SYNC)
         (image_dir / "img_06.jpg").unlink()  # HNSW cannot delete: rebuilt
         idx.sync([image_dir], **SYNC)
@@ -290,7 +304,7 @@ def test_hnsw_and_ivf_types(tmp_path: Path, image_dir: Path, tiny_file: Path) ->
         hits = idx.search(x[0], k=20, ef_search=32)
         assert len(hits) == 11 and str(image_dir / "img_06.jpg") not in {h.path for h in hits}
         assert idx.stats()["index"] == "HNSW8"
-    with Index.open(tmp_path / "ivf", model=tiny_file, factory="IVF3,Flat") as idx:
+    with Index.create(tmp_path / "ivf", model=tiny_file, factory="IVF3,Flat") as idx:
         idx.sync([image_dir], **SYNC)
         ids, x = stored_matrix(idx)
         q = x[2] + x[8]
@@ -312,12 +326,12 @@ def test_hnsw_and_ivf_types(tmp_path: Path, image_dir: Path, tiny_file: Path) ->
 def test_untrainable_type_is_refused_before_extraction(
     tmp_path: Path, image_dir: Path, tiny_file: Path
 ) -> None:
-    with Index.open(tmp_path / "db", model=tiny_file, factory="IVF64,Flat") as idx:
+    with Index.create(tmp_path / "db", model=tiny_file, factory="IVF64,Flat") as idx:
         with pytest.raises(IndexNotTrainedError, match="at least 64"):
             idx.sync([image_dir], **SYNC)
         assert idx.stats()["images"] == 0
     with pytest.raises(IndexError_, match="FAISS cannot build"):
-        Index.open(tmp_path / "bad", model=tiny_file, factory="NoSuchIndex")
+        Index.create(tmp_path / "bad", model=tiny_file, factory="NoSuchIndex")
 
 
 def test_second_writer_is_refused(index: Index, tmp_path: Path, image_dir: Path) -> None:
@@ -395,7 +409,7 @@ def test_duplicates_groups_planted_near_copies(tmp_path: Path, lite0_descriptor)
         img.save(root / f"{i}_q40.jpg", quality=40)
         dx, dy = int(w * 0.05), int(h * 0.05)
         img.crop((dx, dy, w - dx, h - dy)).save(root / f"{i}_crop.png")
-    with Index.open(tmp_path / "db", model=lite0_descriptor) as idx:
+    with Index.create(tmp_path / "db", model=lite0_descriptor) as idx:
         idx.sync([root], **SYNC)
         ids, x = stored_matrix(idx)
         paths = idx.catalog.paths_for(ids.tolist())

@@ -44,7 +44,7 @@ def collection(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def index(collection: Path, tiny_descriptor, tmp_path_factory: pytest.TempPathFactory):
     db = tmp_path_factory.mktemp("db") / "index"
-    idx = Index.open(db, model=tiny_descriptor)
+    idx = Index.create(db, model=tiny_descriptor)
     idx.sync([collection], progress=False, workers=0)
     yield idx
     idx.close()

@@ -29,7 +29,7 @@ def db(tmp_path_factory: pytest.TempPathFactory, tiny_descriptor) -> Path:
     for i in range(6):
         make_image(base / "images" / f"p{i}.jpg", seed=200 + i)
     folder = base / "db"
-    with Index.open(folder, model=tiny_descriptor) as idx:
+    with Index.create(folder, model=tiny_descriptor) as idx:
         idx.sync([base / "images"], progress=False, workers=0)
     return folder
 

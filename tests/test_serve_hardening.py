@@ -164,7 +164,7 @@ def collection(tmp_path_factory: pytest.TempPathFactory, tiny_descriptor) -> Pat
     base = tmp_path_factory.mktemp("hardening")
     for i in range(8):
         make_image(base / "photos" / f"p{i}.jpg", seed=400 + i)
-    with Index.open(base / "db", model=tiny_descriptor) as idx:
+    with Index.create(base / "db", model=tiny_descriptor) as idx:
         idx.sync([base / "photos"], progress=False, workers=0)
     return base
 

@@ -73,7 +73,7 @@ def server_url(tmp_path_factory: pytest.TempPathFactory, tiny_descriptor) -> Ite
     base = tmp_path_factory.mktemp("web")
     for i in range(PHOTOS):
         make_image(base / "photos" / f"photo_{i:02d}.jpg", seed=300 + i, size=(120, 90))
-    with Index.open(base / "db", model=tiny_descriptor) as index:
+    with Index.create(base / "db", model=tiny_descriptor) as index:
         index.sync([base / "photos"], progress=False, workers=0)
         settings = ServeSettings(port=free_port(), search_threads=2, refresh_seconds=0, log_requests=False)
         with running_server(index, settings) as port:

@@ -254,7 +254,9 @@ def _make_pool(workers: int) -> Executor:
     # fork: workers start at once and inherit the imported modules; they only run
     # Pillow and NumPy, never the model, so the parent's thread pools do not matter
     ctx = multiprocessing.get_context("fork" if "fork" in methods else None)
-    return ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
+    from cbir.workers import init_worker  # workers die with us and never hold our locks
+
+    return ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=init_worker, initargs=(os.getpid(),))
 
 
 # ----------------------------------------------------------------------------------------

@@ -23,8 +23,9 @@ from cbir.cli.options import (
     descriptor_options,
     extraction_options,
 )
+from cbir.errors import CbirError
 from cbir.extract import DEFAULT_ENGINE
-from cbir.index import DEFAULT_DB, Index, IndexError_
+from cbir.index import DEFAULT_DB, Index
 
 console = Console(stderr=False)
 err = Console(stderr=True)
@@ -44,12 +45,31 @@ IndexModelOpt = Annotated[
 
 @contextmanager
 def _user_errors() -> Iterator[None]:
-    """Index errors are the user's to fix: a message and exit status 1, no traceback."""
+    """Index errors are the user's to fix: a message and the error's exit status, no traceback."""
     try:
         yield
-    except (IndexError_, FileNotFoundError, PermissionError) as exc:
+    except CbirError as exc:
+        err.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(exc.exit_code) from exc
+    except (FileNotFoundError, PermissionError) as exc:
         err.print(f"[red]error:[/] {exc}")
         raise typer.Exit(1) from exc
+
+
+def parse_size(text: str | None) -> int | None:
+    """Bytes from ``2G``, ``512M``, ``1.5GiB`` or a plain number (None stays None)."""
+    if text is None:
+        return None
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    unit = t[-1] if t and t[-1] in units else ""
+    try:
+        value = float(t[: len(t) - len(unit)]) * units[unit]
+    except ValueError:
+        raise typer.BadParameter(f"{text!r}: expected a size such as 2G, 512M or 1073741824") from None
+    if value <= 0:
+        raise typer.BadParameter("the memory budget must be positive")
+    return int(value)
 
 
 def _open(db: Path, **kwargs: Any) -> Index:
@@ -66,10 +86,24 @@ def index_cmd(
         str | None,
         typer.Option(
             "--index",
-            help="FAISS index type: Flat (exact, default), HNSW32, IVF1024,PQ32, ... "
-            "Changing it later re-indexes the stored vectors without reading images.",
+            help="Index type: auto (default for a new index: exact Flat for small collections, an "
+            "ANN index chosen from the size and --memory-budget above that) or a FAISS factory "
+            "string (Flat, HNSW32, IVF1024,PQ32, ...). Changing it re-indexes the stored vectors "
+            "without reading images.",
         ),
     ] = None,
+    memory_budget: Annotated[
+        str | None,
+        typer.Option("--memory-budget", help="Memory the search index may use, e.g. 2G (for --index auto)."),
+    ] = None,
+    wait: Annotated[
+        float,
+        typer.Option("--wait", help="Seconds to wait for another process writing to the index (0: fail at once)."),
+    ] = 0.0,
+    compact: Annotated[
+        bool,
+        typer.Option("--compact", help="Fold the journal of changes into a new index file now."),
+    ] = False,
     dba: Annotated[
         int | None,
         typer.Option(
@@ -90,12 +124,15 @@ def index_cmd(
     chosen = describe.model is not None or describe.customised()
     descriptor = describe.build() if chosen else None
     run = extraction.kwargs(engine=False)
+    budget = parse_size(memory_budget)
     with _user_errors():
         with _open(
-            db, model=descriptor, factory=factory, dba=dba, dba_alpha=dba_alpha,
-            engine=extraction.engine,
+            db, model=descriptor, factory=factory, memory_budget=budget, dba=dba, dba_alpha=dba_alpha,
+            engine=extraction.engine, create=True, wait=wait,
         ) as idx:
             report = idx.sync(dirs, **run)
+            if compact:
+                idx.compact()
             stats = idx.stats()
     if json_out:
         console.print_json(json.dumps({**report.to_dict(), "images": stats["images"]}))
@@ -125,6 +162,10 @@ def search_cmd(
     ef_search: Annotated[
         int | None, typer.Option("--ef-search", help="HNSW search depth (HNSW types).")
     ] = None,
+    k_factor: Annotated[
+        float | None,
+        typer.Option("--k-factor", help="Refinement: candidates re-ranked per result (Refine types)."),
+    ] = None,
     exclude_self: Annotated[
         bool, typer.Option("--exclude-self", help="Leave the query's own file out of the results.")
     ] = False,
@@ -135,9 +176,9 @@ def search_cmd(
     if k < 1:
         raise typer.BadParameter("--k must be at least 1")
     with _user_errors():
-        with _open(db, create=False, readonly=True, engine=engine) as idx:
+        with _open(db, readonly=True, engine=engine) as idx:
             hits = idx.search(
-                query, k=k, qe=qe, alpha=alpha, nprobe=nprobe, ef_search=ef_search,
+                query, k=k, qe=qe, alpha=alpha, nprobe=nprobe, ef_search=ef_search, k_factor=k_factor,
                 exclude_self=exclude_self,
             )  # fmt: skip
     if json_out:
@@ -156,7 +197,7 @@ def search_cmd(
 def stats_cmd(db: DbOpt = Path(DEFAULT_DB), json_out: JsonOpt = False) -> None:
     """What an index holds: images, failures, descriptor, index type."""
     with _user_errors():
-        with _open(db, create=False, readonly=True) as idx:
+        with _open(db, readonly=True) as idx:
             stats = idx.stats()
             failures = [(r.path, r.error) for r in idx.failures()]
     if json_out:
@@ -187,7 +228,7 @@ def duplicates_cmd(
 ) -> None:
     """Group near-duplicate images (connected groups, largest first)."""
     with _user_errors():
-        with _open(db, create=False, readonly=True) as idx:
+        with _open(db, readonly=True) as idx:
             groups = idx.duplicates(threshold)
     if json_out:
         typer.echo(

@@ -1,0 +1,310 @@
+"""The planner behind ``cbir index --index auto``: which FAISS index for this collection.
+
+The choice follows the way autofaiss (Criteo) picks an index: from the number of vectors
+and a memory budget, by estimating what each candidate costs in bytes and taking the most
+accurate one that fits. It is written for global image descriptors (L2-normalised, a few
+hundred to a few thousand dimensions, searched by inner product):
+
+- **Small collections stay exact** (``Flat``): while a full scan reads at most
+  :data:`FLAT_MAX_SCAN_BYTES` per query and fits the budget, exact search costs a few tens
+  of milliseconds and has nothing to tune.
+- **Large collections** get a three-stage index (Jegou et al., "Product quantization for
+  nearest neighbor search", TPAMI 2011; André et al., "Quicker ADC", 2019, for the 4-bit
+  fast-scan codes): a PCA with a random rotation to :data:`REDUCED_DIM` dimensions
+  (``PCAR256``; the rotation spreads the variance evenly over the PQ sub-vectors), an
+  inverted file with about ``4 * sqrt(n)`` lists (``IVF4096`` at a million), 4-bit
+  fast-scan PQ codes of two dimensions each (``PQ128x4fs``, 64 bytes per vector) that are
+  scanned with SIMD lookups, and a **refinement** of the best ``k * k_factor`` candidates
+  on the full-dimensional vectors, stored as exactly as the budget allows (``RFlat`` >
+  ``Refine(SQfp16)`` > ``Refine(SQ8)`` > ``Refine(SQ4)``). The refinement is what gives
+  back the recall that compressed codes lose: the codes only have to put the true
+  neighbours somewhere in the candidate list, not in the right order.
+
+Every plan carries its search defaults (``nprobe``, ``k_factor``) and
+:func:`train_sample_size` says how many vectors training needs, so a build trains on a
+sample and stays within its time and memory. :func:`estimate_memory` is the byte model
+used both here and by ``cbir bench ann`` (which reports the measured figure beside it).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import faiss
+
+from cbir.errors import CbirError
+
+MiB = 1 << 20
+GiB = 1 << 30
+
+#: Default memory budget of an index's search structures: 2 GiB holds a million 1280-d
+#: descriptors with an 8-bit refinement copy, and fits a laptop beside the model.
+DEFAULT_MEMORY_BUDGET = 2 * GiB
+#: Exact search while one query scans at most this much (about 52,000 vectors of 1280-d,
+#: a few tens of ms per query on one core; see docs/ann.md).
+FLAT_MAX_SCAN_BYTES = 256 * MiB
+#: Dimension the large-collection plan reduces to before the inverted file.
+REDUCED_DIM = 256
+#: Inverted lists per square root of the collection size (FAISS's guideline is 4-16).
+LISTS_PER_SQRT_N = 4
+#: k-means training points per inverted list (FAISS warns below 39).
+TRAIN_POINTS_PER_LIST = 40
+#: Bounds of the training sample (PCA and the refinement's scalar quantiser want a few
+#: tens of thousands of points whatever the number of lists; k-means time grows with it).
+MIN_TRAIN_SAMPLE = 50_000
+MAX_TRAIN_SAMPLE = 300_000
+#: Headroom: a plan may use this share of the budget (the rest is query buffers, the
+#: allocator's slack and the catalogue).
+BUDGET_SHARE = 0.9
+#: Candidates re-ranked on full vectors per result wanted.
+DEFAULT_K_FACTOR = 16.0
+
+# Bytes per vector of each refinement storage for ``dim`` dimensions, best first.
+_REFINEMENTS: tuple[tuple[str, float], ...] = (
+    ("RFlat", 4.0),
+    ("Refine(SQfp16)", 2.0),
+    ("Refine(SQ8)", 1.0),
+    ("Refine(SQ4)", 0.5),
+)
+#: Per-vector cost of the id map FAISS needs when the outer index cannot store ids itself
+#: (``IndexIDMap2``: the id array plus a hash-map entry for the reverse lookup).
+ID_MAP_BYTES = 40
+
+
+class MemoryBudgetError(CbirError, ValueError):
+    """No index the planner knows fits the memory budget for this collection."""
+
+
+@dataclass(frozen=True)
+class IndexPlan:
+    """What ``--index auto`` builds: a FAISS ``index_factory`` string and its search
+    defaults (None where the type has no such parameter)."""
+
+    factory: str
+    nprobe: int | None = None
+    ef_search: int | None = None
+    k_factor: float | None = None
+    reason: str = ""
+
+
+def plan_index(n: int, dim: int, memory_budget: int | None = None) -> IndexPlan:
+    """The index for ``n`` vectors of ``dim`` dimensions within ``memory_budget`` bytes
+    (default :data:`DEFAULT_MEMORY_BUDGET`).
+
+    Exact ``Flat`` while a scan is cheap and fits; above that the most precise
+    PCA + IVF + fast-scan PQ + refinement plan whose estimated memory fits the budget.
+    Raises :class:`MemoryBudgetError` when not even the smallest candidate fits.
+    """
+    if n < 0 or dim < 1:
+        raise ValueError(f"need n >= 0 and dim >= 1, got n={n}, dim={dim}")
+    budget = DEFAULT_MEMORY_BUDGET if memory_budget is None else int(memory_budget)
+    if budget <= 0:
+        raise ValueError(f"memory budget must be positive, got {budget}")
+    usable = budget * BUDGET_SHARE
+    flat_bytes = estimate_memory("Flat", n, dim)
+    if n * dim * 4 <= FLAT_MAX_SCAN_BYTES and flat_bytes <= usable:
+        return IndexPlan(
+            "Flat",
+            reason=f"{n:,} vectors: exact search scans {_mb(n * dim * 4)} per query "
+            f"(at most {_mb(FLAT_MAX_SCAN_BYTES)} stays exact)",
+        )
+    tried = []
+    # a refinement matters more to recall than finer codes: try every base with the
+    # most precise refinement before any base with a coarser one
+    for refine, _ in (*_REFINEMENTS, ("", 0.0)):
+        for base in _ann_bases(n, dim):
+            factory = f"{base},{refine}" if refine else base
+            need = estimate_memory(factory, n, dim)
+            tried.append((factory, need))
+            if need <= usable:
+                return _ann_plan(factory, n, dim, need, budget, flat_bytes)
+    smallest = min(tried, key=lambda t: t[1])
+    raise MemoryBudgetError(
+        f"no index for {n:,} vectors of {dim} dimensions fits a memory budget of "
+        f"{_mb(budget)}: the smallest ({smallest[0]}) needs about {_mb(smallest[1])}. "
+        "Raise --memory-budget or use a smaller descriptor."
+    )
+
+
+def _ann_bases(n: int, dim: int) -> list[str]:
+    """The compressed first stages, most precise first: PCA (when it reduces), IVF and
+    4-bit fast-scan PQ with 2, then 4, then 8 dimensions per sub-quantiser."""
+    reduced = min(dim, REDUCED_DIM)
+    pre = f"PCAR{reduced}," if reduced < dim else ""
+    nlist = ivf_lists(n)
+    bases = []
+    for dims_per_code in (2, 4, 8):
+        m = max(2, reduced // dims_per_code)
+        m -= m % 2  # fast-scan packs two 4-bit codes per byte
+        if reduced % m == 0:
+            bases.append(f"{pre}IVF{nlist},PQ{m}x4fs")
+    return bases
+
+
+def _ann_plan(factory: str, n: int, dim: int, need: int, budget: int, flat_bytes: int) -> IndexPlan:
+    parts = parse_factory(factory, dim)
+    nprobe = default_nprobe(parts.nlist)
+    k_factor = DEFAULT_K_FACTOR if parts.refine_bytes else None
+    refine = f"refined on {parts.refine_label}" if parts.refine_bytes else "no refinement fits"
+    reason = (
+        f"{n:,} vectors x {dim}-d: exact search would need {_mb(flat_bytes)} and scan it all "
+        f"per query; this plan needs about {_mb(need)} of the {_mb(budget)} budget "
+        f"({refine}); trained on {train_sample_size(factory, n):,} vectors"
+    )
+    return IndexPlan(factory, nprobe=nprobe, k_factor=k_factor, reason=reason)
+
+
+def ivf_lists(n: int) -> int:
+    """Inverted lists for ``n`` vectors: the power of two nearest ``4 * sqrt(n)``, at least
+    64 and with at least 64 vectors per list on average."""
+    target = LISTS_PER_SQRT_N * math.sqrt(max(n, 1))
+    nlist = 2 ** round(math.log2(max(target, 1.0)))
+    while nlist > 64 and n / nlist < 64:
+        nlist //= 2
+    return max(64, nlist)
+
+
+def default_nprobe(nlist: int) -> int:
+    """Lists visited per query: 1/32 of them (at least 8), which keeps the IVF step's
+    loss of recall small next to the codes' at the list sizes :func:`ivf_lists` makes."""
+    return max(8, min(nlist, nlist // 32))
+
+
+def train_sample_size(factory: str, n: int) -> int:
+    """How many of the ``n`` vectors training ``factory`` should use (0 = no training):
+    :data:`TRAIN_POINTS_PER_LIST` per inverted list, within
+    [:data:`MIN_TRAIN_SAMPLE`, :data:`MAX_TRAIN_SAMPLE`], never more than ``n``."""
+    parts = parse_factory(factory)
+    if not parts.trains:
+        return 0
+    want = max(MIN_TRAIN_SAMPLE, TRAIN_POINTS_PER_LIST * parts.nlist)
+    return int(min(n, want, MAX_TRAIN_SAMPLE))
+
+
+def _mb(nbytes: float) -> str:
+    return f"{nbytes / MiB:,.0f} MiB" if nbytes < GiB else f"{nbytes / GiB:.2f} GiB"
+
+
+# -- the byte model --------------------------------------------------------------------------
+@dataclass
+class FactoryParts:
+    """What a factory string is made of, as far as memory and training are concerned."""
+
+    dim_out: int  #: dimension the codes see (after a PCA/OPQ)
+    fixed_bytes: float = 0.0  #: independent of n: matrices, centroids, codebooks
+    code_bytes: float = 0.0  #: per vector, in the first stage
+    per_vector_bytes: float = 0.0  #: per vector, beyond the code: ids, graph links
+    nlist: int = 0
+    refine_bytes: float = 0.0  #: per vector, refinement copy
+    refine_label: str = ""
+    trains: bool = False
+    native_ids: bool = False  #: the outer index stores catalogue ids itself (IVF)
+
+
+_SPLIT = re.compile(r",(?![^()]*\))")
+
+
+def parse_factory(factory: str, dim: int = 1) -> FactoryParts:
+    """Split ``factory`` into the parts the byte model needs. Knows the components the
+    planner and ``cbir bench ann`` use (PCA/PCAR/OPQ, IVF, HNSW, Flat, PQ, SQ, RFlat,
+    Refine(...)); anything else is a :class:`ValueError` rather than a wrong estimate."""
+    parts = FactoryParts(dim_out=dim)
+    tokens = [t.strip() for t in _SPLIT.split(factory) if t.strip()]
+    for i, token in enumerate(tokens):
+        if not _apply_token(parts, token, dim, first=i == 0):
+            raise ValueError(f"cannot estimate the memory of {token!r} in {factory!r}")
+    return parts
+
+
+def _apply_token(p: FactoryParts, token: str, dim: int, *, first: bool) -> bool:
+    d = p.dim_out
+    if m := re.fullmatch(r"(?:PCAR?W?|PCAW?R)(\d+)|OPQ\d+_(\d+)", token):
+        out = int(m.group(1) or m.group(2))
+        p.fixed_bytes += (d * out + d) * 4
+        p.dim_out, p.trains = out, True
+    elif m := re.fullmatch(r"OPQ(\d+)", token):
+        p.fixed_bytes += d * d * 4
+        p.trains = True
+    elif m := re.fullmatch(r"IVF(\d+)(?:_HNSW(\d+))?", token):
+        p.nlist = int(m.group(1))
+        links = int(m.group(2)) * 2 * 4 if m.group(2) else 0
+        p.fixed_bytes += p.nlist * (d * 4 + links + 48)
+        p.per_vector_bytes += 8  # the id stored beside each code in its list
+        p.trains, p.native_ids = True, first or p.native_ids
+    elif m := re.fullmatch(r"HNSW(\d+)(?:_(.+))?", token):
+        p.per_vector_bytes += int(m.group(1)) * 2 * 4 * 1.05 + 16
+        p.code_bytes += _code_bytes(m.group(2) or "Flat", d, p)
+    elif m := re.fullmatch(r"RFlat|Refine\((.+)\)", token):
+        inner = m.group(1) or "Flat"
+        p.refine_bytes = _code_bytes(inner, dim, p)
+        p.refine_label = "full float32 vectors" if inner == "Flat" else f"{inner} vectors"
+    else:
+        try:
+            p.code_bytes += _code_bytes(token, d, p)
+        except ValueError:
+            return False
+        if p.nlist and p.code_bytes:  # fast-scan lists are padded to blocks of 32 codes
+            p.fixed_bytes += p.nlist * 16 * p.code_bytes if token.endswith("fs") else 0
+    return True
+
+
+def _code_bytes(token: str, d: int, p: FactoryParts) -> float:
+    """Bytes per vector of a storage component; adds its codebooks to ``p.fixed_bytes``."""
+    if token == "Flat":
+        return 4.0 * d
+    if m := re.fullmatch(r"SQ(4|6|8|fp16|bf16)", token):
+        bits = {"4": 4, "6": 6, "8": 8, "fp16": 16, "bf16": 16}[m.group(1)]
+        p.fixed_bytes += 2 * d * 4
+        p.trains = p.trains or bits < 16
+        return math.ceil(d * bits / 8)
+    if m := re.fullmatch(r"PQ(\d+)(?:x(\d+))?(fs)?", token):
+        sub, bits = int(m.group(1)), int(m.group(2) or 8)
+        p.fixed_bytes += (1 << bits) * d * 4
+        p.trains = True
+        return math.ceil(sub * bits / 8)
+    raise ValueError(token)
+
+
+def estimate_memory(factory: str, n: int, dim: int) -> int:
+    """Bytes an index built from ``factory`` holds for ``n`` vectors of ``dim`` dimensions:
+    codes, ids, graph links, refinement copy, matrices and codebooks, and the id map an
+    outer index without native ids is wrapped in. A model, not a measurement: ``cbir bench
+    ann`` prints both."""
+    parts = parse_factory(factory, dim)
+    per_vector = parts.code_bytes + parts.per_vector_bytes + parts.refine_bytes
+    if parts.refine_bytes or not parts.native_ids:
+        per_vector += ID_MAP_BYTES
+    return int(math.ceil(parts.fixed_bytes + n * per_vector))
+
+
+# -- search parameters -----------------------------------------------------------------------
+def search_parameters(
+    index: faiss.Index,
+    *,
+    nprobe: int | None = None,
+    ef_search: int | None = None,
+    k_factor: float | None = None,
+) -> faiss.SearchParameters | None:
+    """Per-call search parameters for any composition the planner makes (id map, PCA,
+    refinement around IVF or HNSW), nested the way FAISS reads them. Per call, so one
+    shared index serves threads with different settings."""
+    inner = index
+    while isinstance(inner, (faiss.IndexIDMap, faiss.IndexIDMap2, faiss.IndexPreTransform)):
+        inner = faiss.downcast_index(inner.index)
+    refine = inner if isinstance(inner, faiss.IndexRefine) else None
+    base = faiss.downcast_index(refine.base_index) if refine is not None else inner
+    while isinstance(base, faiss.IndexPreTransform):
+        base = faiss.downcast_index(base.index)
+    base_params: faiss.SearchParameters | None = None
+    if nprobe is not None and faiss.try_extract_index_ivf(base) is not None:
+        base_params = faiss.SearchParametersIVF(nprobe=int(nprobe))
+    elif ef_search is not None and isinstance(base, faiss.IndexHNSW):
+        base_params = faiss.SearchParametersHNSW(efSearch=int(ef_search))
+    if refine is None or k_factor is None:
+        return base_params
+    # keyword construction: FAISS's wrapper then keeps the nested object alive
+    if base_params is None:
+        return faiss.IndexRefineSearchParameters(k_factor=float(k_factor))
+    return faiss.IndexRefineSearchParameters(k_factor=float(k_factor), base_index_params=base_params)

@@ -1,0 +1,127 @@
+"""The ``--index auto`` planner: what it picks, the byte model, search parameters."""
+
+from __future__ import annotations
+
+import faiss
+import numpy as np
+import pytest
+
+from cbir.errors import CbirError
+from cbir.index import ann
+from cbir.index.ann import GiB, MemoryBudgetError, estimate_memory, parse_factory, plan_index
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_faiss_thread():
+    """One OpenMP thread: FAISS's k-means spins for minutes on a loaded 2-core machine."""
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(before)
+
+
+def spectrum_data(n: int, d: int, seed: int) -> np.ndarray:
+    """Unit vectors with a decaying spectrum (as descriptors have), not isotropic noise."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, d)).astype(np.float32) / np.arange(1, d + 1, dtype=np.float32) ** 0.7
+    faiss.normalize_L2(x)
+    return x
+
+
+def test_small_collection_is_exact() -> None:
+    plan = plan_index(4_070, 1280)
+    assert plan.factory == "Flat"
+    assert plan.nprobe is None and plan.k_factor is None
+    assert "exact" in plan.reason
+
+
+def test_flat_limit_is_the_scan_size() -> None:
+    n_max = ann.FLAT_MAX_SCAN_BYTES // (1280 * 4)
+    assert plan_index(n_max, 1280).factory == "Flat"
+    assert plan_index(n_max + 1, 1280).factory != "Flat"
+    # the same bytes scanned hold more vectors of a smaller descriptor
+    assert plan_index(n_max + 1, 256).factory == "Flat"
+
+
+def test_million_plan_fits_the_default_budget_and_refines() -> None:
+    plan = plan_index(1_000_000, 1280)
+    parts = parse_factory(plan.factory, 1280)
+    assert parts.nlist >= 2048 and parts.dim_out < 1280
+    assert parts.refine_bytes > 0 and plan.k_factor and plan.nprobe
+    assert estimate_memory(plan.factory, 1_000_000, 1280) <= ann.DEFAULT_MEMORY_BUDGET
+    faiss.index_factory(1280, plan.factory, faiss.METRIC_INNER_PRODUCT)  # FAISS builds it
+
+
+def test_budget_orders_the_refinement() -> None:
+    """More memory buys a more exact refinement copy; less gives a coarser one."""
+    big = parse_factory(plan_index(1_000_000, 1280, 16 * GiB).factory, 1280)
+    default = parse_factory(plan_index(1_000_000, 1280).factory, 1280)
+    small = parse_factory(plan_index(1_000_000, 1280, GiB).factory, 1280)
+    assert big.refine_bytes > default.refine_bytes > small.refine_bytes > 0
+
+
+def test_budget_too_small_is_a_user_error() -> None:
+    with pytest.raises(MemoryBudgetError) as info:
+        plan_index(1_000_000, 1280, 16 * ann.MiB)
+    assert isinstance(info.value, CbirError)
+    assert "--memory-budget" in str(info.value)
+
+
+@pytest.mark.parametrize("bad", [(-1, 128, None), (10, 0, None), (10, 8, 0)])
+def test_bad_arguments(bad: tuple[int, int, int | None]) -> None:
+    with pytest.raises(ValueError):
+        plan_index(*bad)
+
+
+def test_memory_estimate_counts_codes_ids_and_refinement() -> None:
+    n, d = 100_000, 1280
+    assert estimate_memory("Flat", n, d) == n * (4 * d + ann.ID_MAP_BYTES)
+    centroids, codebooks = 1024 * d * 4, 256 * d * 4
+    assert estimate_memory("IVF1024,PQ64", n, d) == pytest.approx(n * (64 + 8) + centroids + codebooks, rel=0.05)
+    with_sq8 = estimate_memory("IVF1024,PQ64,Refine(SQ8)", n, d)
+    assert with_sq8 - estimate_memory("IVF1024,PQ64", n, d) == pytest.approx(
+        n * (d + ann.ID_MAP_BYTES), rel=0.01
+    )
+    with pytest.raises(ValueError, match="cannot estimate"):
+        estimate_memory("LSH", n, d)
+
+
+def test_memory_estimate_matches_faiss_serialised_size() -> None:
+    """The byte model against what FAISS actually stores (its serialised size)."""
+    d, n = 32, 3_000
+    x = spectrum_data(n, d, 0)
+    for factory in ("Flat", "IVF64,PQ16x4fs", "PCAR16,IVF64,PQ8x4fs,Refine(SQ8)", "HNSW16"):
+        index = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
+        index.train(x)
+        index.add(x)
+        stored = faiss.serialize_index(index).nbytes
+        estimated = estimate_memory(factory, n, d)
+        # the estimate includes the id map the store adds around non-IVF outer indexes
+        ids = ann.ID_MAP_BYTES * n if factory != "IVF64,PQ16x4fs" else 0
+        assert stored * 0.8 <= estimated - ids <= stored * 1.25, factory
+
+
+def test_train_sample_size() -> None:
+    assert ann.train_sample_size("Flat", 10**6) == 0
+    assert ann.train_sample_size("PCAR256,IVF4096,PQ128x4fs", 10**6) == 40 * 4096
+    assert ann.train_sample_size("PCAR256,IVF65536,PQ128x4fs", 10**8) == ann.MAX_TRAIN_SAMPLE
+    assert ann.train_sample_size("IVF64,PQ16x4fs", 1_000) == 1_000
+
+
+def test_search_parameters_reach_the_inner_indexes() -> None:
+    """nprobe and k_factor change results through the id map, PCA and refinement."""
+    d = 32
+    x, q = spectrum_data(4_000, d, 1), spectrum_data(100, d, 2)
+    _, truth = faiss.knn(q, x, 10, metric=faiss.METRIC_INNER_PRODUCT)
+    index = faiss.IndexIDMap2(faiss.index_factory(d, "PCAR16,IVF32,PQ8x4fs,RFlat", faiss.METRIC_INNER_PRODUCT))
+    index.train(x)
+    index.add_with_ids(x, np.arange(len(x), dtype=np.int64))
+
+    def recall(**kw: float) -> float:
+        _, got = index.search(q, 10, params=ann.search_parameters(index, **kw))
+        return float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(got, truth, strict=True)]))
+
+    low, wide, refined = recall(nprobe=1, k_factor=1), recall(nprobe=32, k_factor=1), recall(nprobe=32, k_factor=40)
+    assert low < wide < refined
+    assert refined > 0.9
+    assert ann.search_parameters(index) is None
