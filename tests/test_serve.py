@@ -396,6 +396,8 @@ def test_add_search_and_remove(client: TestClient, index: Index, settings: Serve
     # stored under a content-derived name, not the client's
     assert len(stored) == 1 and stored[0].suffix == ".png"
     assert len(index) == before + 1
+    listed = client.get("/images", params={"offset": before, "limit": 5}).json()
+    assert listed["total"] == before + 1 and listed["items"][-1]["path"] == new["path"]
     again = client.post("/images", files={"image": ("x.png", data, "image/png")}, headers=AUTH)
     assert again.status_code == 200 and again.json()["id"] == new["id"]
     hits = client.post("/search", files={"image": ("q.png", data, "image/png")}, data={"k": "1"})

@@ -258,15 +258,17 @@ def test_paths_are_relative_with_a_relative_db(index: Index, tmp_path: Path, mon
 
 
 def test_upload_is_written_only_under_the_writer_lock(index: Index, client: TestClient, tmp_path: Path) -> None:
-    """While another writer (``cbir index`` in another process) holds the lock: 503, and
+    """While another writer (``cbir index`` in another process) holds the lock: 409, and
     nothing is left in the upload folder."""
     data = make_image(tmp_path / "late.png", seed=910).read_bytes()
     other = Index.open(index.folder, create=False)
     try:
-        with other.writer(wait=False):
+        with other.writer(wait=0):
             r = client.post("/images", files={"image": ("late.png", data, "image/png")}, headers=AUTH)
-            assert r.status_code == 503, r.text
-            assert r.json()["error"]["code"] == "index_busy"
+            assert r.status_code == 409, r.text
+            err = r.json()["error"]
+            assert err["code"] == "index_busy" and str(index.folder) not in err["message"]
+            assert client.delete("/images/1", headers=AUTH).status_code == 409
         uploads = tmp_path / "uploads"
         assert not uploads.exists() or list(uploads.iterdir()) == []
         r = client.post("/images", files={"image": ("late.png", data, "image/png")}, headers=AUTH)

@@ -17,14 +17,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Annotated, Any, TypeVar
 
+import numpy as np
 from fastapi import Depends, Path, Request
 
-from cbir.index import ImageRecord, Index
+from cbir.index import ImageRecord, Index, IndexBusyError
 from cbir.serve.errors import ApiError
 from cbir.serve.paths import PathPolicy
 from cbir.serve.security import bearer_token, token_matches
@@ -58,6 +60,9 @@ class ServerState:
             settings.max_decode_bytes,
         )
         self.paths = PathPolicy(lambda: index.roots, settings.upload_dir)
+        self._ids_generation: int | None = None
+        self._ids = np.empty(0, dtype=np.int64)
+        self._ids_lock = threading.Lock()
 
     async def run(self, pool: ThreadPoolExecutor, fn: Callable[..., T], *args: Any) -> T:
         """``fn(*args)`` on ``pool``, awaited without blocking the event loop."""
@@ -68,8 +73,16 @@ class ServerState:
         return await self.run(self.lookup_pool, fn, *args)
 
     async def write(self, fn: Callable[..., T], *args: Any) -> T:
-        """``fn(*args)`` on the single writer thread."""
-        return await self.run(self.write_pool, fn, *args)
+        """``fn(*args)`` on the single writer thread.
+
+        Another process writing the index keeps the index's status and code, with a
+        message for HTTP clients (the index's own names its folder and a CLI option).
+        """
+        try:
+            return await self.run(self.write_pool, fn, *args)
+        except IndexBusyError as exc:
+            message = "another process (e.g. 'cbir index') is writing to the index: try again when it has finished"
+            raise ApiError(exc.http_status, exc.code, message) from exc
 
     def shutdown(self) -> None:
         self.model_pool.shutdown(wait=True, cancel_futures=True)
@@ -100,6 +113,20 @@ class ServerState:
         if not os.path.isfile(real):
             raise ApiError(404, "image_missing", f"the file of image {image_id} is no longer on disk")
         return rec, real
+
+    def collection_ids(self) -> np.ndarray:
+        """The ids of the indexed images, ascending, re-read only when the index changes.
+
+        A page of ``GET /images`` is then a slice of this array and one look-up of its
+        paths, whatever the collection's size: the catalogue is read in full (ids only,
+        8 bytes an image) once per committed change, not once per page.
+        """
+        generation = self.index.catalog.generation
+        with self._ids_lock:
+            if generation != self._ids_generation:
+                self._ids = self.index.catalog.ok_ids()
+                self._ids_generation = generation
+            return self._ids
 
     def urls(self, request: Request, image_id: int) -> dict[str, str]:
         """Thumbnail and original URLs of an image (prefixed by the proxy's root path)."""

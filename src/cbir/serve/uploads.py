@@ -63,11 +63,11 @@ def upload_path(data: bytes, fmt: str, upload_dir: Path) -> Path:
 def store_and_add(index: Index, data: bytes, fmt: str, upload_dir: Path) -> tuple[int, str, bool]:
     """Write the upload and index it, under the index's writer lock; (id, path, added).
 
-    ``Index.writer(wait=False)`` raises at once when another process (``cbir index``)
+    ``Index.writer(wait=0)`` raises at once when another process (``cbir index``)
     writes, before the file exists; ``index.add`` re-enters the lock this thread holds.
     """
     path = upload_path(data, fmt, upload_dir)
-    with index.writer(wait=False):
+    with index.writer(wait=0):
         written = not path.exists()
         if written:
             upload_dir.mkdir(parents=True, exist_ok=True)

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from itertools import islice
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
 
-from cbir.index import ImageRecord, Index
 from cbir.serve.models import CollectionPage
-from cbir.serve.state import MAX_ID, State
+from cbir.serve.state import MAX_ID, ServerState, State
 
 router = APIRouter(tags=["collection"])
 
@@ -28,18 +26,14 @@ async def list_images(
     offset: Annotated[int, Query(ge=0, le=MAX_ID, description="Images to skip.")] = 0,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE, description="Images on this page.")] = 48,
 ) -> dict[str, Any]:
-    total, records = await state.lookup(collection_page, state.index, offset, limit)
-    items = [
-        {"id": rec.id, "path": state.paths.public(rec.path), **state.urls(request, rec.id)} for rec in records
-    ]
+    total, page = await state.lookup(collection_page, state, offset, limit)
+    items = [{"id": i, "path": state.paths.public(path), **state.urls(request, i)} for i, path in page]
     return {"total": total, "offset": offset, "limit": limit, "items": items}
 
 
-def collection_page(index: Index, offset: int, limit: int) -> tuple[int, list[ImageRecord]]:
-    """(number of indexed images, the indexed records ``offset`` to ``offset + limit``).
-
-    Walks the catalogue's id-ordered cursor and stops after the page, so memory stays
-    one page whatever the collection's size.
-    """
-    indexed = (rec for rec in index.catalog.records() if rec.status == "ok")
-    return len(index), list(islice(indexed, offset, offset + limit))
+def collection_page(state: ServerState, offset: int, limit: int) -> tuple[int, list[tuple[int, str]]]:
+    """(number of indexed images, (id, path) of those ``offset`` to ``offset + limit``)."""
+    all_ids = state.collection_ids()
+    page = [int(i) for i in all_ids[offset : offset + limit]]
+    paths = state.index.catalog.paths_for(page)
+    return len(all_ids), [(i, paths[i]) for i in page if i in paths]
