@@ -163,7 +163,7 @@ def uvicorn_config(
         log_level=log_level,
         http=limited_protocol(limits),
         timeout_keep_alive=settings.keepalive_timeout,
-        limit_concurrency=settings.max_connections,
+        limit_concurrency=settings.max_connections + 1,  # uvicorn counts the asking connection too
         h11_max_incomplete_event_size=settings.max_header_bytes,
         access_log=False,  # the app logs each request itself (with request ids)
         server_header=False,
