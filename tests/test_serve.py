@@ -16,6 +16,7 @@ from conftest import make_image
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from cbir.errors import CbirError
 from cbir.index import Index
 from cbir.serve import ServeConfigError, ServeSettings, create_app
 from cbir.serve.security import (
@@ -113,9 +114,24 @@ def test_page_and_static_assets(client: TestClient) -> None:
     assert "default-src 'self'" in r.headers["content-security-policy"]
     assert r.headers["x-content-type-options"] == "nosniff"
     assert client.get("/openapi.json").json()["paths"].keys() >= {
-        "/search", "/images", "/images/{image_id}", "/thumbnails/{image_id}", "/health", "/stats"
+        "/search", "/images", "/images/{image_id}", "/images/{image_id}/info", "/thumbnails/{image_id}",
+        "/health", "/stats"
     }
-    assert client.get("/docs").status_code == 200
+
+
+def test_api_docs_are_served_by_the_app(client: TestClient) -> None:
+    """Swagger UI from the fastapi-offline package, under the same strict CSP: no CDN."""
+    r = client.get("/docs")
+    assert r.status_code == 200 and "default-src 'self'" in r.headers["content-security-policy"]
+    assert "http" not in r.text and "<script>" not in r.text  # no external or inline script
+    for asset, kind, marker in (
+        ("static/swagger/swagger-ui-bundle.js", "javascript", b"SwaggerUIBundle"),
+        ("static/swagger/swagger-ui.css", "text/css", b".swagger-ui"),
+        ("static/docs.js", "javascript", b'url: "openapi.json"'),
+    ):
+        assert f'"{asset}"' in r.text
+        a = client.get("/" + asset)
+        assert a.status_code == 200 and kind in a.headers["content-type"] and marker in a.content
 
 
 def test_search_by_upload(client: TestClient, collection: Path) -> None:
@@ -147,6 +163,42 @@ def test_search_by_id_and_options(client: TestClient, index: Index) -> None:
     assert r.status_code == 200 and r.json()["count"] == 4
     sub = client.post("/search", data={"id": str(qid), "k": "12"}).json()["results"]
     assert {"sub/a.png", "sub/b.png"} <= {h["path"] for h in sub}
+
+
+def test_min_score_drops_less_similar_results(client: TestClient, index: Index) -> None:
+    qid = _some_id(index)
+    everything = client.post("/search", data={"id": str(qid), "k": "12"}).json()
+    scores = [h["score"] for h in everything["results"]]
+    cut = scores[5]
+    r = client.post("/search", data={"id": str(qid), "k": "12", "min_score": str(cut)}).json()
+    assert r["min_score"] == cut and [h["score"] for h in r["results"]] == [s for s in scores if s >= cut]
+    assert client.post("/search", data={"id": str(qid), "min_score": "1.5"}).status_code == 422
+
+
+def test_collection_is_listed_page_by_page(client: TestClient, index: Index) -> None:
+    first = client.get("/images", params={"limit": 5}).json()
+    assert first["total"] == len(index) == 12 and first["offset"] == 0 and len(first["items"]) == 5
+    pages = [first] + [client.get("/images", params={"offset": o, "limit": 5}).json() for o in (5, 10)]
+    items = [item for page in pages for item in page["items"]]
+    assert [len(p["items"]) for p in pages] == [5, 5, 2]
+    ids = [item["id"] for item in items]
+    assert ids == sorted(ids) and len(set(ids)) == 12  # catalogue order, each once
+    assert {item["path"] for item in items} >= {"img_00.jpg", "sub/a.png"}
+    assert all(i["thumbnail"] == f"/thumbnails/{i['id']}" and i["image"] == f"/images/{i['id']}" for i in items)
+    assert client.get("/images", params={"offset": 50}).json()["items"] == []
+    for bad in ({"limit": 0}, {"limit": 201}, {"offset": -1}, {"offset": 2**63}):
+        r = client.get("/images", params=bad)
+        assert r.status_code == 422 and _error(r)["code"] == "invalid_request"
+
+
+def test_image_info_from_the_header(client: TestClient, index: Index, collection: Path) -> None:
+    qid = _some_id(index)
+    info = client.get(f"/images/{qid}/info").json()
+    assert info["path"] == "img_00.jpg" and info["format"] == "JPEG"
+    assert (info["width"], info["height"]) == (96, 72)  # make_image's default size
+    assert info["bytes"] == (collection / "img_00.jpg").stat().st_size
+    assert info["image"] == f"/images/{qid}"
+    assert client.get("/images/987654/info").status_code == 404
 
 
 @pytest.mark.parametrize(
@@ -344,6 +396,8 @@ def test_add_search_and_remove(client: TestClient, index: Index, settings: Serve
     # stored under a content-derived name, not the client's
     assert len(stored) == 1 and stored[0].suffix == ".png"
     assert len(index) == before + 1
+    listed = client.get("/images", params={"offset": before, "limit": 5}).json()
+    assert listed["total"] == before + 1 and listed["items"][-1]["path"] == new["path"]
     again = client.post("/images", files={"image": ("x.png", data, "image/png")}, headers=AUTH)
     assert again.status_code == 200 and again.json()["id"] == new["id"]
     hits = client.post("/search", files={"image": ("q.png", data, "image/png")}, data={"k": "1"})
@@ -431,17 +485,38 @@ def test_unknown_route_and_method_are_json(client: TestClient) -> None:
     assert r.status_code == 405 and _error(r)
 
 
-def test_internal_errors_do_not_leak(index: Index, settings: ServeSettings, monkeypatch) -> None:
-    def boom(*args, **kwargs):
-        raise RuntimeError("secret /home/user/path detail")
+class _Busy(CbirError):
+    http_status = 503
+    code = "index_busy"
+
+
+@pytest.mark.parametrize(
+    ("error", "status", "code"),
+    [
+        (_Busy("another process is writing"), 503, "index_busy"),  # a class's own status and code
+        (CbirError("plain"), 400, "bad_request"),  # the base's defaults
+        (RuntimeError("secret /home/user/path detail"), 500, "internal_error"),  # a bug
+    ],
+)
+def test_errors_are_mapped_by_class_and_bugs_do_not_leak(
+    index: Index, settings: ServeSettings, monkeypatch, error: Exception, status: int, code: str
+) -> None:
+    """One handler for every CbirError; anything else is a 500 naming the request id."""
+
+    def fail(*args, **kwargs):
+        raise error
 
     app = create_app(index, settings)
-    monkeypatch.setattr(index, "stats", boom)
+    monkeypatch.setattr(index, "stats", fail)
     with TestClient(app, raise_server_exceptions=False) as c:
         r = c.get("/stats")
-    assert r.status_code == 500
+    assert r.status_code == status
     err = _error(r)
-    assert "secret" not in err["message"] and r.headers["x-request-id"] in err["message"]
+    assert err["code"] == code
+    if isinstance(error, CbirError):
+        assert err["message"] == str(error)
+    else:
+        assert "secret" not in err["message"] and r.headers["x-request-id"] in err["message"]
 
 
 def test_requests_are_logged(client: TestClient, caplog: pytest.LogCaptureFixture) -> None:

@@ -13,6 +13,10 @@ from cbir.index import DEFAULT_DB, IndexError_
 from cbir.serve.security import ServeConfigError
 from cbir.serve.server import resolve_token, run_server
 from cbir.serve.settings import (
+    DEFAULT_BODY_TIMEOUT,
+    DEFAULT_HEADER_TIMEOUT,
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_DECODE_BYTES,
     DEFAULT_MAX_K,
     DEFAULT_MAX_UPLOAD_BYTES,
     DEFAULT_UPLOAD_MAX_PIXELS,
@@ -52,6 +56,22 @@ MaxPixelsOpt = Annotated[
     int,
     typer.Option("--max-pixels", help="Decompression-bomb limit: most pixels an upload may have."),
 ]
+MaxDecodeOpt = Annotated[
+    float,
+    typer.Option(
+        "--max-decode-mb", help="Most memory one image decode may take, judged from its header (422 past it)."
+    ),
+]
+MaxConnectionsOpt = Annotated[
+    int, typer.Option("--max-connections", help="Most open connections; more are answered 503 and closed.")
+]
+HeaderTimeoutOpt = Annotated[
+    float, typer.Option("--header-timeout", help="Seconds a client has to send a request's headers (slowloris).")
+]
+BodyTimeoutOpt = Annotated[
+    float,
+    typer.Option("--body-timeout", help="Seconds a request body may take, plus one per 32 KB received."),
+]
 MaxKOpt = Annotated[int, typer.Option("--max-k", help="Most results one search may ask for.")]
 ThreadsOpt = Annotated[
     int, typer.Option("--threads", help="Concurrent searches (default: one per core).")
@@ -75,6 +95,10 @@ def serve_cmd(
     upload_dir: UploadDirOpt = None,
     max_upload_mb: MaxUploadOpt = DEFAULT_MAX_UPLOAD_BYTES / 2**20,
     max_pixels: MaxPixelsOpt = DEFAULT_UPLOAD_MAX_PIXELS,
+    max_decode_mb: MaxDecodeOpt = DEFAULT_MAX_DECODE_BYTES / 2**20,
+    max_connections: MaxConnectionsOpt = DEFAULT_MAX_CONNECTIONS,
+    header_timeout: HeaderTimeoutOpt = DEFAULT_HEADER_TIMEOUT,
+    body_timeout: BodyTimeoutOpt = DEFAULT_BODY_TIMEOUT,
     max_k: MaxKOpt = DEFAULT_MAX_K,
     threads: ThreadsOpt = 0,
     root_path: RootPathOpt = "",
@@ -100,6 +124,10 @@ def serve_cmd(
         upload_dir=(upload_dir or db / "uploads") if writes_on else None,
         max_upload_bytes=int(max_upload_mb * 2**20),
         max_pixels=max_pixels,
+        max_decode_bytes=int(max_decode_mb * 2**20),
+        max_connections=max_connections,
+        header_timeout=header_timeout,
+        body_timeout=body_timeout,
         max_k=max_k,
         search_threads=threads if threads > 0 else machine_threads(),
     )

@@ -12,7 +12,13 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+if TYPE_CHECKING:
+    import uvicorn
+    from fastapi import FastAPI
+
+from cbir.serve.protocol import ConnectionLimits, limited_protocol
 from cbir.serve.security import (
     ServeConfigError,
     is_loopback,
@@ -125,17 +131,42 @@ def run_server(
             per_search,
             "on" if settings.writes else "off",
         )
-        config = uvicorn.Config(
-            app,
-            host=settings.host,
-            port=settings.port,
-            root_path=root_path,
-            log_level=log_level,
-            access_log=False,  # the app logs each request itself (with request ids)
-            server_header=False,
-            proxy_headers=True,  # X-Forwarded-For from FORWARDED_ALLOW_IPS (default: loopback)
-            log_config=None,
-        )
+        config = uvicorn_config(app, settings, root_path=root_path, log_level=log_level)
         uvicorn.Server(config).run()
     finally:
         index.close()
+
+
+def uvicorn_config(
+    app: FastAPI, settings: ServeSettings, *, root_path: str = "", log_level: str = "info"
+) -> uvicorn.Config:
+    """uvicorn's configuration for ``app``, with the server's connection limits.
+
+    Header and body deadlines and the connection cap come from
+    :class:`cbir.serve.protocol.LimitedH11Protocol` (uvicorn has no header or body
+    timeout); the idle keep-alive timeout, the cap on concurrent requests and the
+    largest request head are uvicorn's own options.
+    """
+    import uvicorn
+
+    limits = ConnectionLimits(
+        header_timeout=settings.header_timeout,
+        body_timeout=settings.body_timeout,
+        body_min_rate=settings.body_min_rate,
+        max_connections=settings.max_connections,
+    )
+    return uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        root_path=root_path,
+        log_level=log_level,
+        http=limited_protocol(limits),
+        timeout_keep_alive=settings.keepalive_timeout,
+        limit_concurrency=settings.max_connections + 1,  # uvicorn counts the asking connection too
+        h11_max_incomplete_event_size=settings.max_header_bytes,
+        access_log=False,  # the app logs each request itself (with request ids)
+        server_header=False,
+        proxy_headers=True,  # X-Forwarded-For from FORWARDED_ALLOW_IPS (default: loopback)
+        log_config=None,
+    )

@@ -17,6 +17,27 @@ DEFAULT_UPLOAD_MAX_PIXELS = 50_000_000
 DEFAULT_MAX_K = 100
 #: Most query-expansion neighbours (alpha-QE, Radenovic et al. 2018, uses a handful).
 DEFAULT_MAX_QE = 50
+#: Memory one decode may take (bitmap + conversion), judged from the header: a 50 Mpx RGB
+#: PNG (200 MB) fits, a 50 Mpx RGBA PNG (about 1 GB with its compositing on white) does not.
+#: Concurrent decodes are at most --threads, so this bounds their memory together too.
+DEFAULT_MAX_DECODE_BYTES = 512 * 1024 * 1024
+#: Seconds a client has to send a request's headers, from its first byte (or from
+#: connecting): slowloris clients, which trickle header lines to hold connections open,
+#: are cut off here. uvicorn has no such limit.
+DEFAULT_HEADER_TIMEOUT = 10.0
+#: Seconds a request body may take, extended by one second per DEFAULT_BODY_MIN_RATE bytes
+#: received (Apache mod_reqtimeout's scheme): a slow but steady upload finishes, a
+#: trickle of a few bytes a second does not.
+DEFAULT_BODY_TIMEOUT = 30.0
+DEFAULT_BODY_MIN_RATE = 32 * 1024
+#: Seconds an idle keep-alive connection stays open (uvicorn's own option).
+DEFAULT_KEEPALIVE_TIMEOUT = 5
+#: Most open connections; more are answered 503 and closed at once. Worst-case request
+#: memory is about this times --max-upload-mb (bodies being received), plus --threads times
+#: the decode ceiling.
+DEFAULT_MAX_CONNECTIONS = 256
+#: Largest request head (request line + headers), uvicorn's h11 default made explicit.
+DEFAULT_MAX_HEADER_BYTES = 16 * 1024
 
 
 def machine_threads() -> int:
@@ -43,6 +64,7 @@ class ServeSettings:
     upload_dir: Path | None = None
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
     max_pixels: int = DEFAULT_UPLOAD_MAX_PIXELS
+    max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES
     max_k: int = DEFAULT_MAX_K
     max_qe: int = DEFAULT_MAX_QE
     search_threads: int = 0  # 0: one per core
@@ -50,6 +72,13 @@ class ServeSettings:
     thumbnail_cache_bytes: int = DEFAULT_CACHE_BYTES
     log_requests: bool = True
     refresh_seconds: float = 5.0  # poll for changes committed by other processes; 0: never
+    # connection limits, applied by cbir.serve.server (uvicorn), not by the ASGI app
+    header_timeout: float = DEFAULT_HEADER_TIMEOUT
+    body_timeout: float = DEFAULT_BODY_TIMEOUT
+    body_min_rate: int = DEFAULT_BODY_MIN_RATE
+    keepalive_timeout: int = DEFAULT_KEEPALIVE_TIMEOUT
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES
 
     def __post_init__(self) -> None:
         if self.search_threads <= 0:
@@ -59,8 +88,10 @@ class ServeSettings:
 
     def validate(self) -> None:
         """Raise :class:`ServeConfigError` for a configuration the server must not run with."""
-        if self.max_upload_bytes <= 0 or self.max_pixels <= 0 or self.max_k <= 0 or self.max_qe < 0:
-            raise ServeConfigError("limits must be positive")
+        limits = (self.max_upload_bytes, self.max_pixels, self.max_decode_bytes, self.max_k)
+        timeouts = (self.header_timeout, self.body_timeout, self.body_min_rate, self.keepalive_timeout)
+        if min(limits) <= 0 or self.max_qe < 0 or min(timeouts) <= 0 or self.max_connections <= 0:
+            raise ServeConfigError("limits and timeouts must be positive")
         if not self.writes:
             return
         if self.token is None:

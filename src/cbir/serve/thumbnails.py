@@ -17,7 +17,7 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from cbir.data.decode import DEFAULT_MAX_PIXELS, load_image
+from cbir.data.decode import DEFAULT_MAX_DECODE_BYTES, DEFAULT_MAX_PIXELS, load_image
 
 #: Longest side of a thumbnail in pixels (the page's grid cells are ~180 CSS px wide).
 DEFAULT_THUMBNAIL_SIZE = 256
@@ -36,7 +36,10 @@ class Thumbnail:
 
 
 def make_thumbnail(
-    path: str | os.PathLike, size: int, max_pixels: int | None = DEFAULT_MAX_PIXELS
+    path: str | os.PathLike,
+    size: int,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    max_decode_bytes: int | None = DEFAULT_MAX_DECODE_BYTES,
 ) -> bytes:
     """Decode ``path`` (JPEG draft mode near ``size``); encode a JPEG with longest side ``size``."""
 
@@ -44,7 +47,7 @@ def make_thumbnail(
         scale = min(1.0, size / max(w, h))
         return max(1, round(w * scale)), max(1, round(h * scale))
 
-    img = load_image(path, max_pixels=max_pixels, target_size=target)
+    img = load_image(path, max_pixels=max_pixels, target_size=target, max_decode_bytes=max_decode_bytes)
     img.thumbnail((size, size))
     buf = io.BytesIO()
     img.save(buf, format="JPEG", quality=_JPEG_QUALITY, optimize=True)
@@ -59,12 +62,14 @@ class ThumbnailCache:
         size: int = DEFAULT_THUMBNAIL_SIZE,
         max_bytes: int = DEFAULT_CACHE_BYTES,
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
+        max_decode_bytes: int | None = DEFAULT_MAX_DECODE_BYTES,
     ) -> None:
         if size < 16:
             raise ValueError("thumbnail size must be at least 16 pixels")
         self.size = size
         self.max_bytes = max_bytes
         self.max_pixels = max_pixels
+        self.max_decode_bytes = max_decode_bytes
         self._items: OrderedDict[tuple, Thumbnail] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
@@ -82,7 +87,7 @@ class ThumbnailCache:
                 self.hits += 1
                 return item
             self.misses += 1
-        data = make_thumbnail(path, self.size, self.max_pixels)
+        data = make_thumbnail(path, self.size, self.max_pixels, self.max_decode_bytes)
         etag = '"' + hashlib.sha256(repr(key).encode() + data).hexdigest()[:24] + '"'
         item = Thumbnail(data, etag)
         with self._lock:

@@ -1,15 +1,17 @@
-// The search page: upload (choose, drop or paste) an image, or click a result, to search.
-// Plain browser JavaScript, no dependencies. Every URL is relative, so the page also works
-// behind a reverse proxy that serves it under a path prefix.
+// The search page: browse the collection a page at a time, open any image larger, and
+// search by it or by an uploaded image (choose, drop or paste). Plain browser JavaScript,
+// no dependencies. Every URL is relative, so the page also works behind a reverse proxy
+// that serves it under a path prefix. The URL's hash keeps the view (#page=3, #id=42), so
+// the browser's back button and shared links work.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const state = { maxK: 100, busy: false };
+const state = { mode: "browse", page: 1, pages: 1, busy: false, viewing: null };
 
+// -- helpers ----------------------------------------------------------------------------
 function setStatus(text, isError = false) {
-  const el = $("status");
-  el.textContent = text;
-  el.classList.toggle("error", isError);
+  $("status").textContent = text;
+  $("status").classList.toggle("error", isError);
 }
 
 async function errorMessage(response) {
@@ -20,60 +22,130 @@ async function errorMessage(response) {
   return `${response.status} ${response.statusText}`;
 }
 
+async function fetchJSON(url, options) {
+  const response = await fetch(url, options);
+  if (!response.ok) throw new Error(await errorMessage(response));
+  return response.json();
+}
+
+const number = (n) => Number(n).toLocaleString("en");
+const perPage = () => Number($("count").value);
+
+function fileSize(bytes) {
+  if (bytes >= 1 << 20) return `${(bytes / (1 << 20)).toFixed(1)} MB`;
+  if (bytes >= 1 << 10) return `${Math.round(bytes / (1 << 10))} KB`;
+  return `${bytes} bytes`;
+}
+
+function setHash(hash) {
+  const url = hash ? `#${hash}` : location.pathname + location.search;
+  if ((location.hash || "#") !== (hash ? `#${hash}` : "#")) history.pushState(null, "", url);
+}
+
+// -- the collection ---------------------------------------------------------------------
 async function loadStats() {
   try {
-    const response = await fetch("stats");
-    if (!response.ok) throw new Error(await errorMessage(response));
-    const stats = await response.json();
-    state.maxK = (stats.server && stats.server.max_k) || state.maxK;
-    const n = Number(stats.images || 0).toLocaleString("en");
-    $("collection").textContent =
-      `${n} images · descriptor ${stats.descriptor} (${stats.dim}-d) · index ${stats.index}`;
-    $("collection").dataset.images = String(stats.images || 0);
+    const stats = await fetchJSON("stats");
+    const images = Number(stats.images || 0);
+    $("collection").textContent = `${number(images)} images · model ${stats.model}`;
+    $("collection").dataset.images = String(images);
   } catch (err) {
     $("collection").textContent = `cannot read the collection: ${err.message}`;
   }
 }
 
-function showQueryImage(src) {
-  const img = $("query-image");
-  img.src = src;
-  img.hidden = false;
-  $("drop").classList.add("has-image");
-}
-
-function resultCard(hit) {
-  const card = document.createElement("button");
-  card.type = "button";
-  card.className = "result";
-  card.dataset.id = String(hit.id);
-  card.title = `${hit.path}\nscore ${hit.score.toFixed(4)}\nclick to search by this image`;
-
+function card(item, score) {
+  const button = document.createElement("button");
+  button.type = "button";
+  button.className = "result";
+  button.dataset.id = String(item.id);
+  button.title = `${item.path}\nclick to see it larger`;
   const img = document.createElement("img");
-  img.src = `thumbnails/${hit.id}`;
-  img.alt = hit.path;
+  img.src = `thumbnails/${item.id}`;
+  img.alt = item.path;
   img.loading = "lazy";
   img.decoding = "async";
-
-  const score = document.createElement("span");
-  score.className = "score";
-  score.textContent = hit.score.toFixed(3);
-
+  button.append(img);
+  if (score !== undefined) {
+    button.dataset.score = String(score);
+    const label = document.createElement("span");
+    label.className = "score";
+    label.textContent = score.toFixed(3);
+    label.title = "similarity: 1.000 is the same image";
+    button.append(label);
+  }
   const path = document.createElement("span");
   path.className = "path";
-  path.textContent = hit.path;
-
-  card.append(img, score, path);
-  card.addEventListener("click", () => searchById(hit.id, hit.path));
-  return card;
+  path.textContent = item.path;
+  button.append(path);
+  button.addEventListener("click", () => openViewer(item.id));
+  return button;
 }
 
-function render(data, label) {
-  const grid = $("results");
-  grid.replaceChildren(...data.results.map(resultCard));
-  grid.dataset.query = label;
-  const ms = Math.round(data.took_ms);
-  setStatus(`${data.count} results for ${label} in ${ms} ms`);
+function showMode(mode, title) {
+  state.mode = mode;
+  $("results").dataset.mode = mode;
+  $("title").textContent = title;
+  $("browse").hidden = mode === "browse";
+  document.querySelector(".pager").hidden = mode !== "browse";
+}
+
+async function browse(page) {
+  const limit = perPage();
+  try {
+    const data = await fetchJSON(`images?offset=${(page - 1) * limit}&limit=${limit}`);
+    state.page = page;
+    state.pages = Math.max(1, Math.ceil(data.total / limit));
+    showMode("browse", "All images");
+    $("results").replaceChildren(...data.items.map((item) => card(item)));
+    delete $("results").dataset.query;
+    $("page-info").textContent = `Page ${page} of ${state.pages}`;
+    $("prev").disabled = page <= 1;
+    $("next").disabled = page >= state.pages;
+    const first = data.total ? data.offset + 1 : 0;
+    setStatus(`Images ${number(first)}–${number(data.offset + data.items.length)} of ${number(data.total)}`);
+    setHash(page > 1 ? `page=${page}` : "");
+  } catch (err) {
+    setStatus(`cannot list the collection: ${err.message}`, true);
+  }
+}
+
+// -- the large view ---------------------------------------------------------------------
+async function openViewer(id) {
+  try {
+    const info = await fetchJSON(`images/${id}/info`);
+    state.viewing = info;
+    $("viewer-image").src = `images/${id}`;
+    $("viewer-image").alt = info.path;
+    $("viewer-path").textContent = info.path;
+    const format = info.format ? ` · ${info.format}` : "";
+    $("viewer-size").textContent =
+      `${number(info.width)} × ${number(info.height)} pixels · ${fileSize(info.bytes)}${format}`;
+    $("viewer-open").href = `images/${id}`;
+    if (!$("viewer").open) $("viewer").showModal();
+  } catch (err) {
+    setStatus(`cannot open image ${id}: ${err.message}`, true);
+  }
+}
+
+function closeViewer() {
+  if ($("viewer").open) $("viewer").close();
+}
+
+// -- searching --------------------------------------------------------------------------
+function applyCutoff() {
+  const cutoff = Number($("cutoff").value);
+  $("cutoff-value").textContent = cutoff > 0 ? cutoff.toFixed(2) : "any";
+  if (state.mode !== "results") return;
+  const cards = [...$("results").querySelectorAll(".result")];
+  let shown = 0;
+  for (const c of cards) {
+    c.hidden = Number(c.dataset.score) < cutoff;
+    if (!c.hidden) shown += 1;
+  }
+  const hidden = cards.length - shown;
+  const cut = hidden ? ` (${hidden} less similar than ${cutoff.toFixed(2)} hidden)` : "";
+  setStatus(`${shown} results for ${$("results").dataset.query} in ${state.took} ms${cut}`);
 }
 
 async function runSearch(form, label) {
@@ -81,12 +153,15 @@ async function runSearch(form, label) {
   state.busy = true;
   document.body.classList.add("busy");
   setStatus(`searching for ${label}…`);
-  form.append("k", $("k").value);
+  form.append("k", $("count").value);
   form.append("qe", $("qe").value);
   try {
-    const response = await fetch("search", { method: "POST", body: form });
-    if (!response.ok) throw new Error(await errorMessage(response));
-    render(await response.json(), label);
+    const data = await fetchJSON("search", { method: "POST", body: form });
+    showMode("results", `Similar to ${label}`);
+    $("results").replaceChildren(...data.results.map((hit) => card(hit, hit.score)));
+    $("results").dataset.query = label;
+    state.took = Math.round(data.took_ms);
+    applyCutoff();
   } catch (err) {
     setStatus(`search failed: ${err.message}`, true);
   } finally {
@@ -95,12 +170,18 @@ async function runSearch(form, label) {
   }
 }
 
+function showQueryImage(src) {
+  $("query-image").src = src;
+  $("query-image").hidden = false;
+  $("drop").classList.add("has-image");
+}
+
 function searchByFile(file) {
   if (!file) return;
   showQueryImage(URL.createObjectURL(file));
   const form = new FormData();
   form.append("image", file, file.name || "query");
-  history.replaceState(null, "", location.pathname);
+  setHash("search");
   runSearch(form, `“${file.name || "pasted image"}”`);
 }
 
@@ -108,17 +189,21 @@ function searchById(id, path) {
   showQueryImage(`thumbnails/${id}`);
   const form = new FormData();
   form.append("id", String(id));
-  if (location.hash !== `#id=${id}`) history.pushState(null, "", `#id=${id}`);
-  runSearch(form, path ? `#${id} (${path})` : `#${id}`);
+  setHash(`id=${id}`);
+  runSearch(form, path ? `“${path}”` : `image #${id}`);
   window.scrollTo({ top: 0, behavior: "smooth" });
 }
 
-function searchFromHash() {
-  const match = /^#id=(\d+)$/.exec(location.hash);
-  if (match) searchById(Number(match[1]));
+// -- wiring -----------------------------------------------------------------------------
+function route() {
+  closeViewer();
+  const id = /^#id=(\d+)$/.exec(location.hash);
+  const page = /^#page=(\d+)$/.exec(location.hash);
+  if (id) searchById(Number(id[1]));
+  else if (location.hash !== "#search") browse(page ? Math.max(1, Number(page[1])) : 1);
 }
 
-function setUp() {
+function setUpUpload() {
   const drop = $("drop");
   $("file").addEventListener("change", (e) => searchByFile(e.target.files[0]));
   ["dragenter", "dragover"].forEach((type) =>
@@ -134,9 +219,26 @@ function setUp() {
     const item = [...(e.clipboardData ? e.clipboardData.items : [])].find((i) => i.kind === "file");
     if (item) searchByFile(item.getAsFile());
   });
-  window.addEventListener("popstate", searchFromHash);
+}
+
+function setUp() {
+  setUpUpload();
+  $("cutoff").addEventListener("input", applyCutoff);
+  $("count").addEventListener("change", () => { if (state.mode === "browse") browse(1); });
+  $("prev").addEventListener("click", () => browse(Math.max(1, state.page - 1)));
+  $("next").addEventListener("click", () => browse(Math.min(state.pages, state.page + 1)));
+  $("browse").addEventListener("click", () => browse(1));
+  $("home").addEventListener("click", (e) => { e.preventDefault(); browse(1); });
+  $("viewer-close").addEventListener("click", closeViewer);
+  $("viewer").addEventListener("click", (e) => { if (e.target === $("viewer")) closeViewer(); });
+  $("viewer-search").addEventListener("click", () => {
+    const info = state.viewing;
+    closeViewer();
+    if (info) searchById(info.id, info.path);
+  });
+  window.addEventListener("popstate", route);
   loadStats();
-  searchFromHash();
+  route();
 }
 
 document.addEventListener("DOMContentLoaded", setUp);
