@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create ./.venv (Python 3.11) and install cbir into it. Idempotent: a second run only
-# checks what is installed. Usage: bash scripts/setup.sh [extra]   (extra: test)
+# checks what is installed. Usage: bash scripts/setup.sh [extra]   (extras, comma-separated: test, distributed)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-$(command -v python3.11 || command -v python3)}

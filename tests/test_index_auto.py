@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from conftest import make_image
 
-from cbir.cli.index_cmds import parse_size
+from cbir.cli.options import parse_size
 from cbir.index import Index
 from cbir.index import settings as settings_mod
 from cbir.index import writer as writer_mod

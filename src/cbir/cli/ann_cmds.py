@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 
 from cbir.cli.commands import bench_app
-from cbir.cli.index_cmds import parse_size
+from cbir.cli.options import parse_size
 
 
 @bench_app.command("ann")

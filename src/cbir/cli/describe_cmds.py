@@ -27,18 +27,45 @@ console = Console(stderr=False)
 err = Console(stderr=True)
 
 
+RayOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--ray",
+        metavar="auto|local|HOST:PORT|ray://HOST:PORT",
+        help="Describe on a Ray cluster (auto: RAY_ADDRESS or the running cluster, else a new local one); "
+        "--out is then a folder of Parquet shards, and a re-run describes only what is missing. "
+        "INPUTS may be LIST.txt files of paths. --workers: describing actors.",
+    ),
+]
+
+
 @app.command("extract")
 @extraction_options()
 @descriptor_options()
 def extract_cmd(
     inputs: Annotated[list[Path], typer.Argument(help="Image folders (walked recursively) or files.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output .npy (a .json manifest is written beside it).")],
+    out: Annotated[
+        Path,
+        typer.Option("--out", "-o", help="Output .npy (a .json manifest is written beside it); with --ray, a folder."),
+    ],
+    ray: RayOpt = None,
+    cpus_per_worker: Annotated[
+        float, typer.Option("--cpus-per-worker", help="With --ray: CPUs (and model threads) of each actor.")
+    ] = 1.0,
+    block_rows: Annotated[
+        int, typer.Option("--block-rows", help="With --ray: images per block (per actor call and Parquet shard).")
+    ] = 256,
     *,
     describe: DescriptorOptions,
     extraction: ExtractionOptions,
 ) -> None:
     """Describe every image under INPUTS; write an N x D float32 matrix and its manifest."""
     desc = describe.build()
+    if ray is not None:
+        from cbir.cli.distributed_cmds import extract_on_ray  # Ray only when asked for
+
+        extract_on_ray(inputs, out, desc, ray, extraction, cpus_per_worker=cpus_per_worker, block_rows=block_rows)
+        return
     paths: list[Path] = []
     for p in inputs:
         try:

@@ -13,6 +13,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from cbir.cli.commands import app
@@ -22,6 +23,7 @@ from cbir.cli.options import (
     ExtractionOptions,
     descriptor_options,
     extraction_options,
+    parse_size,
 )
 from cbir.errors import CbirError
 from cbir.extract import DEFAULT_ENGINE
@@ -49,27 +51,11 @@ def _user_errors() -> Iterator[None]:
     try:
         yield
     except CbirError as exc:
-        err.print(f"[red]error:[/] {exc}")
+        err.print(f"[red]error:[/] {escape(str(exc))}")  # a message may hold [brackets]
         raise typer.Exit(exc.exit_code) from exc
     except (FileNotFoundError, PermissionError) as exc:
         err.print(f"[red]error:[/] {exc}")
         raise typer.Exit(1) from exc
-
-
-def parse_size(text: str | None) -> int | None:
-    """Bytes from ``2G``, ``512M``, ``1.5GiB`` or a plain number (None stays None)."""
-    if text is None:
-        return None
-    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-    t = text.strip().upper().removesuffix("IB").removesuffix("B")
-    unit = t[-1] if t and t[-1] in units else ""
-    try:
-        value = float(t[: len(t) - len(unit)]) * units[unit]
-    except ValueError:
-        raise typer.BadParameter(f"{text!r}: expected a size such as 2G, 512M or 1073741824") from None
-    if value <= 0:
-        raise typer.BadParameter("the memory budget must be positive")
-    return int(value)
 
 
 def _open(db: Path, **kwargs: Any) -> Index:
@@ -80,8 +66,17 @@ def _open(db: Path, **kwargs: Any) -> Index:
 @extraction_options()
 @descriptor_options(declare={"model": IndexModelOpt}, model=None)
 def index_cmd(
-    dirs: Annotated[list[Path], typer.Argument(help="Image folders, walked recursively.")],
+    dirs: Annotated[list[Path] | None, typer.Argument(help="Image folders, walked recursively.")] = None,
     db: DbOpt = Path(DEFAULT_DB),
+    from_: Annotated[
+        Path | None,
+        typer.Option(
+            "--from",
+            help="Import precomputed vectors instead of describing images: an embeddings folder "
+            "(cbir extract --ray) or an .npy from cbir extract (with its manifest). The descriptor "
+            "must match the index's.",
+        ),
+    ] = None,
     factory: Annotated[
         str | None,
         typer.Option(
@@ -95,6 +90,16 @@ def index_cmd(
     memory_budget: Annotated[
         str | None,
         typer.Option("--memory-budget", help="Memory the search index may use, e.g. 2G (for --index auto)."),
+    ] = None,
+    store: Annotated[
+        str | None,
+        typer.Option(
+            "--store",
+            help="Where the vectors are searched: faiss (default, in the --db folder) or milvus:URI, "
+            "a Milvus Lite file (milvus:vectors.db) or server (milvus:http://HOST:19530), with its "
+            "index after '#' (milvus:URI#index=HNSW,M=16). Changing it moves the vectors from the "
+            "catalogue. See docs/scaling-out.md.",
+        ),
     ] = None,
     wait: Annotated[
         float,
@@ -123,12 +128,20 @@ def index_cmd(
     # no descriptor option given: the index's own descriptor (or the default for a new one)
     chosen = describe.model is not None or describe.customised()
     descriptor = describe.build() if chosen else None
+    if from_ is not None:
+        from cbir.cli.distributed_cmds import import_into_index  # pyarrow only when asked for
+
+        with _user_errors():
+            import_into_index(from_, db, descriptor, store=store, wait=wait, json_out=json_out, dirs=dirs)
+        return
+    if not dirs:
+        raise typer.BadParameter("give image folders to index, or --from PRECOMPUTED")
     run = extraction.kwargs(engine=False)
     budget = parse_size(memory_budget)
     with _user_errors():
         with _open(
             db, model=descriptor, factory=factory, memory_budget=budget, dba=dba, dba_alpha=dba_alpha,
-            engine=extraction.engine, create=True, wait=wait,
+            engine=extraction.engine, create=True, wait=wait, store=store,
         ) as idx:
             report = idx.sync(dirs, **run)
             if compact:

@@ -230,3 +230,19 @@ def descriptor_options(
 def extraction_options(*, omit: tuple[str, ...] = (), **defaults: Any) -> Callable[[F], F]:
     """Give a command the extraction options, received as ``extraction: ExtractionOptions``."""
     return _inject("extraction", ExtractionOptions, _EXTRACTION_OPTIONS, omit, defaults)
+
+
+def parse_size(text: str | None) -> int | None:
+    """Bytes from ``2G``, ``512M``, ``1.5GiB`` or a plain number (None stays None)."""
+    if text is None:
+        return None
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    unit = t[-1] if t and t[-1] in units else ""
+    try:
+        value = float(t[: len(t) - len(unit)]) * units[unit]
+    except ValueError:
+        raise typer.BadParameter(f"{text!r}: expected a size such as 2G, 512M or 1073741824") from None
+    if value <= 0:
+        raise typer.BadParameter("the memory budget must be positive")
+    return int(value)

@@ -32,6 +32,7 @@ from cbir.index.locks import BusyError, FileLock, ReadWriteLock
 from cbir.index.query import Query, QueryResolver
 from cbir.index.settings import IndexSettings, resolve_descriptor
 from cbir.index.stores import SearchParams, StoreSpec, VectorStore, make_store
+from cbir.index.stores.registry import DEFAULT_STORE, check_store, store_name
 from cbir.index.sync import FileStat, under, walk
 from cbir.index.writer import IndexWriter, RunOptions, SyncReport, timed
 from cbir.models.descriptor import Descriptor
@@ -97,14 +98,18 @@ class Index:
         ``memory_budget`` bytes, see :mod:`cbir.index.ann`; or a FAISS factory string) and
         ``dba`` are recorded. The folder is locked and re-checked before anything is
         written; a folder holding part of an index is refused as damaged. ``exist_ok``:
-        open an existing index instead of failing. ``store``: the vector store registered
-        under that name (:mod:`cbir.index.stores.registry`; default ``faiss``)."""
+        open an existing index instead of failing. ``store``: ``faiss`` (default, in the
+        folder) or a registered vector database's setting such as ``milvus:URI`` (see
+        :mod:`cbir.index.stores.registry` and :mod:`cbir.index.stores.milvus`)."""
+        layout = fl.Layout(Path(path))
         descriptor = resolve_descriptor(model)
-        meta = IndexSettings.initial(descriptor, factory, memory_budget, dba, dba_alpha, store)
-        new = opening.create_folder(fl.Layout(Path(path)), descriptor, meta, wait=wait, exist_ok=exist_ok)
+        meta = IndexSettings.initial(descriptor, factory, memory_budget, dba, dba_alpha,
+                                     store=_store_setting(store, layout.folder))  # fmt: skip
+        new = opening.create_folder(layout, descriptor, meta, wait=wait, exist_ok=exist_ok)
         return cls.open(path, model=None if new else model, factory=None if new else factory,
                         memory_budget=None if new else memory_budget, dba=None if new else dba,
-                        dba_alpha=None if new else dba_alpha, engine=engine, wait=wait)  # fmt: skip
+                        dba_alpha=None if new else dba_alpha, engine=engine, wait=wait,
+                        store=None if new else store)  # fmt: skip
 
     @classmethod
     def open(
@@ -120,20 +125,22 @@ class Index:
         dba_alpha: float | None = None,
         engine: str = DEFAULT_ENGINE,
         wait: float = 0.0,
+        store: str | None = None,
     ) -> Index:
         """Open the index in ``path``; with ``create=True`` create it if the folder has none
         (see :meth:`create`). ``model`` is checked against the stored descriptor
         (:class:`DescriptorMismatchError` if it differs); a different ``factory``,
         ``memory_budget`` or ``dba`` re-indexes the stored vectors (no image is read
-        again). ``wait``: seconds to wait for another writer before failing."""
+        again); so does a different ``store`` (moved into it from the catalogue). ``wait``:
+        seconds to wait for another writer before failing."""
         layout = fl.Layout(Path(path))
         if create and not readonly and layout.state() in ("absent", "interrupted"):
             return cls.create(path, model=model, factory=factory, memory_budget=memory_budget, dba=dba,
-                              dba_alpha=dba_alpha, engine=engine, wait=wait, exist_ok=True)  # fmt: skip
+                              dba_alpha=dba_alpha, engine=engine, wait=wait, exist_ok=True, store=store)  # fmt: skip
         catalog, descriptor = opening.open_catalog(layout, model, readonly=readonly, wait=wait)
         try:
             index = cls(layout, catalog, descriptor, readonly=readonly, engine=engine, wait=wait)
-            changes = index.settings.changes(factory, memory_budget, dba, dba_alpha)
+            changes = index.settings.changes(factory, memory_budget, dba, dba_alpha, store, layout.folder)
             if changes:
                 if readonly:
                     raise CbirIndexError(f"cannot change {', '.join(changes)} of an index opened read-only")
@@ -165,8 +172,9 @@ class Index:
     def _make_store(self) -> VectorStore:
         plan = self.settings.plan
         defaults = SearchParams(plan.get("nprobe"), plan.get("ef_search"), plan.get("k_factor"))
-        spec = StoreSpec(self.layout.store, self.dim, plan["factory"], defaults, self.readonly, self._rw.write)
-        return make_store(self.settings.store, spec)
+        spec = StoreSpec(self.layout.store, self.dim, plan["factory"], defaults, self.readonly, self._rw.write,
+                         setting=self.settings.store, identity=self.catalog.get_meta("identity") or "")  # fmt: skip
+        return make_store(self.settings.store_name, spec)
 
     def _swap_store(self) -> None:
         """A store object for the settings as they read now (another index type)."""
@@ -354,7 +362,7 @@ class Index:
             "failures": counts["failed"],
             "descriptor": self.catalog.get_meta("descriptor"),
             "identity": self.catalog.get_meta("identity"),
-            "index": plan["factory"],
+            "index": f"milvus:{store.get('index')}" if self.settings.store else plan["factory"],
             "index_requested": self.factory,
             "index_reason": plan.get("reason", "given"),
             "dim": self.dim,
@@ -439,3 +447,15 @@ class Index:
             if len(hits) > 1:
                 out.append(hits)
         return out
+
+
+def _store_setting(store: str | None, folder: Path) -> str:
+    """The ``store`` setting of a new index: "" (FAISS in the folder) or a vector database's."""
+    if store is None or store_name(store) == DEFAULT_STORE:
+        return ""
+    if store_name(store) != "milvus":
+        check_store(store_name(store))  # another registered store: its name is its setting
+        return store.strip()
+    from cbir.index.stores.milvus import store_setting  # optional dependency
+
+    return store_setting(store, folder) or ""

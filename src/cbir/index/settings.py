@@ -18,7 +18,7 @@ from cbir.index.ann import MemoryBudgetError, plan_index
 from cbir.index.catalog import Catalog
 from cbir.index.errors import CbirIndexError
 from cbir.index.stores.faiss_index import make_index
-from cbir.index.stores.registry import DEFAULT_STORE, check_store
+from cbir.index.stores.registry import DEFAULT_STORE, check_store, store_name
 from cbir.models.descriptor import Descriptor, build_descriptor
 
 AUTO = "auto"
@@ -66,12 +66,17 @@ class IndexSettings:
         memory_budget: int | None,
         dba: int | None,
         dba_alpha: float | None,
-        store: str | None = None,
+        store: str = "",
     ) -> dict[str, str]:
-        """The ``meta`` rows of a new index (validated before anything is written)."""
+        """The ``meta`` rows of a new index (validated before anything is written).
+        ``store``: "" for the folder's FAISS store, else a vector database's setting
+        (:func:`cbir.index.stores.milvus.store_setting`), which indexes by its own rules."""
+        if store:
+            _check_external(factory, memory_budget)
+            factory = "Flat"  # unused by an external store; never re-planned
         factory = factory or DEFAULT_FACTORY
         plan = make_plan(factory, 0, int(descriptor.dim), memory_budget)
-        check_store(store or DEFAULT_STORE)
+        check_store(store_name(store))
         return {
             "identity": descriptor.identity(),
             "descriptor": descriptor.describe_name(),
@@ -91,9 +96,9 @@ class IndexSettings:
         return self.catalog.get_meta("factory") or DEFAULT_FACTORY
 
     @property
-    def store(self) -> str:
-        """The vector store's registered name."""
-        return self.catalog.get_meta("store") or DEFAULT_STORE
+    def store_name(self) -> str:
+        """The vector store's registered name (:mod:`cbir.index.stores.registry`)."""
+        return store_name(self.store)
 
     @property
     def memory_budget(self) -> int | None:
@@ -110,6 +115,12 @@ class IndexSettings:
         return {"factory": "Flat" if factory == AUTO else factory, "reason": "given", "n": 0}
 
     @property
+    def store(self) -> str:
+        """"" for the folder's FAISS store, else the vector database setting."""
+        value = self.catalog.get_meta("store") or ""
+        return "" if value == DEFAULT_STORE else value
+
+    @property
     def dba(self) -> int:
         return int(self.catalog.get_meta("dba") or 0)
 
@@ -122,11 +133,26 @@ class IndexSettings:
         return int(self.catalog.get_meta("dba_generation") or -1)
 
     def changes(
-        self, factory: str | None, memory_budget: int | None, dba: int | None, dba_alpha: float | None
+        self,
+        factory: str | None,
+        memory_budget: int | None,
+        dba: int | None,
+        dba_alpha: float | None,
+        store: str | None = None,
+        folder: str | os.PathLike = ".",
     ) -> dict[str, str]:
         """The ``meta`` rows that opening with these options changes (empty: none). A new
-        factory or budget comes with a new plan, validated here."""
+        factory or budget comes with a new plan, validated here; ``store`` (``faiss`` or
+        ``milvus:URI``) moves the vectors to another store, rebuilt from the catalogue."""
         out: dict[str, str] = {}
+        if store is not None:
+            from cbir.index.stores.milvus import store_setting  # optional dependency
+
+            new_store = store_setting(store, folder, self.store)
+            if new_store is not None:
+                out["store"] = new_store
+        if (out.get("store") if "store" in out else self.store) and (factory is not None or memory_budget is not None):
+            _check_external(factory, memory_budget)
         if dba is not None and int(dba) != self.dba:
             out["dba"] = str(int(dba))
         if dba_alpha is not None and float(dba_alpha) != self.dba_alpha:
@@ -143,14 +169,14 @@ class IndexSettings:
 
     def needs_rebuild(self, changes: dict[str, str]) -> bool:
         """Whether these changes alter what the store indexes (type, or DBA vectors)."""
-        if "dba" in changes or "dba_alpha" in changes:
+        if "dba" in changes or "dba_alpha" in changes or "store" in changes:
             return True
         return "plan" in changes and json.loads(changes["plan"])["factory"] != self.plan["factory"]
 
     def replan(self, n: int) -> dict[str, str] | None:
         """For an ``auto`` index that has doubled or halved since its plan: the new ``meta``
         rows (None when nothing is due). The caller rebuilds if the type changed."""
-        if self.factory != AUTO:
+        if self.factory != AUTO or self.store:
             return None
         plan = self.plan
         planned = int(plan.get("n", 0))
@@ -158,3 +184,12 @@ class IndexSettings:
             return None
         new = make_plan(AUTO, n, self.dim, self.memory_budget)
         return {"plan": json.dumps(new)}
+
+
+def _check_external(factory: str | None, memory_budget: int | None) -> None:
+    """--index and --memory-budget choose a FAISS index; a vector database has its own."""
+    if (factory not in (None, AUTO, "Flat")) or memory_budget is not None:
+        raise CbirIndexError(
+            "--index and --memory-budget choose the FAISS index; with a Milvus store, give its "
+            "index type in the store setting instead (e.g. --store 'milvus:FILE.db#index=HNSW,M=16')"
+        )

@@ -28,6 +28,10 @@ class StoreSpec:
     readonly: bool
     #: keeps searches out while the store changes in place (the index's write lock)
     exclusive: Callable[[], AbstractContextManager[Any]]
+    #: the whole ``meta.store`` setting ("" for the default store; ``milvus:URI#...`` for Milvus)
+    setting: str = ""
+    #: the descriptor identity of the index (a shared vector database checks it is the right one)
+    identity: str = ""
 
 
 StoreMaker = Callable[[StoreSpec], VectorStore]
@@ -48,6 +52,11 @@ def check_store(name: str) -> StoreMaker:
     return maker
 
 
+def store_name(setting: str) -> str:
+    """The registered name a ``meta.store`` setting refers to: ``milvus:URI#opts`` -> ``milvus``."""
+    return setting.partition("#")[0].partition(":")[0].strip().lower() or DEFAULT_STORE
+
+
 def make_store(name: str, spec: StoreSpec) -> VectorStore:
     return check_store(name)(spec)
 
@@ -57,4 +66,11 @@ def _faiss(spec: StoreSpec) -> VectorStore:
                       exclusive=spec.exclusive)  # fmt: skip
 
 
+def _milvus(spec: StoreSpec) -> VectorStore:
+    from cbir.index.stores.milvus import open_store  # optional dependency: imported when used
+
+    return open_store(spec.setting, spec.dim, identity=spec.identity, readonly=spec.readonly, defaults=spec.defaults)
+
+
 register_store(DEFAULT_STORE, _faiss)
+register_store("milvus", _milvus)

@@ -1,0 +1,237 @@
+"""Past one machine (issue 13), three parts, each measured side by side in one run:
+
+1. ``extract``: images/s of ``cbir extract --ray`` (Ray Data, the ONNX engine in an actor
+   pool) with 1 actor x 2 CPUs and 2 actors x 1 CPU, against the single-machine pipeline
+   (:func:`cbir.extract.extract`, ONNX, default decode workers) on the same images, all at
+   2 cores, round-robin, ``--repeats`` times, medians and Ray's overhead (time ratio - 1).
+   Each Ray run is a whole job (list, stat, actors started, describe, Parquet written) on a
+   running local cluster (started once, as a cluster is long-lived).
+2. ``import``: ``cbir index --from`` of ``--vectors`` synthetic vectors from Parquet into a
+   FAISS (Flat) index and into Milvus Lite (FLAT), each in a fresh process: wall time and
+   peak resident memory. The catalogue (SQLite, which keeps every raw vector) is written in
+   both, as a real import does.
+3. ``search``: Milvus Lite HNSW (M=16, efConstruction=200) at ``--search-n`` vectors: build
+   time, single-query latency (median, p99; one client thread) and recall@10 against exact
+   search (NumPy brute force) for several ef values.
+
+Synthetic vectors: ``synthetic_unit`` below (power-law spectrum over 256 random directions
+plus 5% isotropic noise, L2-normalised), labelled as synthetic in the results; not real
+descriptors (the ANN developer's generator fitted to real descriptors was not on main).
+
+Usage (from the project root; timed parts under the shared lock; large files under /tmp,
+deleted at the end):
+    flock /work/coord/bench.lock .venv/bin/python bench/distributed.py \\
+        [--images 480] [--repeats 3] [--vectors 1000000] [--search-n 100000] [--parts extract,import,search]
+Writes bench/results/distributed.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "datasets"
+RESULTS = ROOT / "bench" / "results"
+
+
+def synthetic_unit(n: int, dim: int, seed: int, *, rank: int = 256, noise: float = 0.05) -> np.ndarray:
+    """Unit vectors with structure (eigenvalues ~ 1/i over ``rank`` random directions) plus
+    isotropic noise: closer to descriptors than isotropic Gaussians, and labelled synthetic."""
+    rng = np.random.default_rng(seed)
+    basis = np.linalg.qr(np.random.default_rng(12345).normal(size=(dim, rank)))[0].T.astype(np.float32)
+    z = rng.normal(size=(n, rank)).astype(np.float32) / np.sqrt(np.arange(1, rank + 1, dtype=np.float32))
+    x = z @ basis + noise * rng.normal(size=(n, dim)).astype(np.float32) / np.sqrt(dim)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+# ----------------------------------------------------------------------------------------
+# part 1: extraction throughput
+# ----------------------------------------------------------------------------------------
+def bench_extract(n_images: int, repeats: int, work: Path) -> dict:
+    import ray
+
+    from cbir.data.datasets import list_images
+    from cbir.distributed.extraction import extract_with_ray
+    from cbir.extract import extract
+    from cbir.models import build_descriptor
+
+    paths = [str(p) for p in list_images(DATA / "train-pool")][:n_images]
+    listing = work / "list.txt"
+    listing.write_text("\n".join(paths) + "\n")
+    desc = build_descriptor()  # EfficientNet-Lite0, GeM: the default descriptor
+    extract(desc, paths[:32], engine="onnx", progress=False)  # export the ONNX model once
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    runs = {
+        "single machine (cbir extract)": lambda: extract(desc, paths, engine="onnx", progress=False),
+        "ray, 1 actor x 2 CPUs": lambda: extract_with_ray([listing], _fresh(work / "r1"), desc,
+                                                          workers=1, cpus_per_worker=2, progress=False),
+        "ray, 2 actors x 1 CPU": lambda: extract_with_ray([listing], _fresh(work / "r2"), desc,
+                                                          workers=2, cpus_per_worker=1, progress=False),
+    }  # fmt: skip
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            t = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - t)
+    ray.shutdown()
+    base = statistics.median(times["single machine (cbir extract)"])
+    rows = []
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        rows.append({"method": name, "images": len(paths), "median_s": round(med, 2),
+                     "images_per_s": round(len(paths) / med, 1), "overhead_vs_single": round(med / base - 1, 3),
+                     "runs_s": [round(t, 2) for t in ts]})  # fmt: skip
+    return {"rows": rows, "images_from": "train-pool", "descriptor": desc.describe_name(), "cores": 2}
+
+
+def _fresh(path: Path) -> Path:
+    shutil.rmtree(path, ignore_errors=True)
+    return path
+
+
+# ----------------------------------------------------------------------------------------
+# part 2: import of precomputed vectors
+# ----------------------------------------------------------------------------------------
+def write_parquet(out: Path, n: int, dim: int, shard_rows: int = 50_000) -> None:
+    """An embeddings folder of ``n`` synthetic rows, as ``cbir extract --ray`` lays it out."""
+    from cbir.distributed.embeddings import EmbeddingsFolder, rows_table, write_shard
+    from cbir.models import build_descriptor
+
+    folder = EmbeddingsFolder(out)
+    folder.prepare(build_descriptor())
+    for start in range(0, n, shard_rows):
+        m = min(shard_rows, n - start)
+        paths = [f"/synthetic/{i:08d}.jpg" for i in range(start, start + m)]
+        table = rows_table(dim, paths, [1000] * m, [1] * m, [f"{i:064x}" for i in range(start, start + m)],
+                           synthetic_unit(m, dim, seed=start), [None] * m)  # fmt: skip
+        write_shard(folder.shard_dir, table)
+    folder.write_manifest({"synthetic": True})
+
+
+def _import_child(source: str, db: str, store: str) -> None:
+    """Run in a fresh process: import, print seconds and peak RSS as JSON."""
+    from cbir.distributed.importer import import_vectors
+
+    t = time.perf_counter()
+    report = import_vectors(source, db, store=store or None)
+    seconds = time.perf_counter() - t
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"seconds": round(seconds, 1), "peak_rss_mb": round(peak), "added": report.added}))
+
+
+def bench_import(n: int, work: Path) -> dict:
+    dim = 1280
+    src = work / "embeddings"
+    t = time.perf_counter()
+    write_parquet(src, n, dim)
+    gen = time.perf_counter() - t
+    rows = []
+    for name, store in (("faiss (Flat)", ""), ("milvus lite (FLAT)", "milvus#index=FLAT")):
+        db = work / f"db-{len(rows)}"  # the Milvus Lite file goes inside it (milvus.db)
+        code = f"import sys; sys.path.insert(0, {str(ROOT / 'bench')!r}); import distributed as d; " \
+               f"d._import_child({str(src)!r}, {str(db)!r}, {store!r})"  # fmt: skip
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        res = json.loads(out.stdout.strip().splitlines()[-1])
+        size = sum(p.stat().st_size for p in db.rglob("*") if p.is_file())
+        rows.append({"store": name, "vectors": n, **res, "rows_per_s": round(n / res["seconds"]),
+                     "index_folder_gb": round(size / 1e9, 2)})  # fmt: skip
+        shutil.rmtree(db, ignore_errors=True)
+    parquet_gb = sum(p.stat().st_size for p in src.rglob("*") if p.is_file()) / 1e9
+    return {"rows": rows, "dim": dim, "parquet_gb": round(parquet_gb, 2), "parquet_write_s": round(gen, 1),
+            "vectors": "synthetic_unit (power-law spectrum + noise), not real descriptors"}  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------
+# part 3: Milvus search latency and recall
+# ----------------------------------------------------------------------------------------
+def bench_search(n: int, work: Path, n_queries: int = 200, dim: int = 1280) -> dict:
+    from cbir.index.stores import ArraySource, SearchParams
+    from cbir.index.stores.milvus import MilvusStore, parse_store_spec
+
+    x = synthetic_unit(n + n_queries, dim, seed=7)
+    db, q = x[:n], x[n:]
+    exact = np.argsort(-(q @ db.T), axis=1)[:, :10]
+    spec = parse_store_spec(f"milvus:{work}/search.db#index=HNSW,M=16,efConstruction=200,collection=bench")
+    store = MilvusStore(spec, dim)
+    t = time.perf_counter()
+    store.rebuild(ArraySource(np.arange(n, dtype=np.int64), db), 1)
+    store._client.describe_index(store.name, "vector")  # the index is built by then
+    build = time.perf_counter() - t
+    rows = []
+    for ef in (16, 64, 128, 256):
+        params = SearchParams(ef_search=ef)
+        store.search(q[:5], 10, params)  # warm
+        lat, found = [], []
+        for i in range(n_queries):
+            t = time.perf_counter()
+            _, ids = store.search(q[i : i + 1], 10, params)
+            lat.append((time.perf_counter() - t) * 1e3)
+            found.append(ids[0])
+        recall = float(np.mean([len(set(f) & set(e)) / 10 for f, e in zip(found, exact, strict=True)]))
+        rows.append({"index": "HNSW M=16 efConstruction=200", "ef": ef, "recall_at_10": round(recall, 4),
+                     "median_ms": round(statistics.median(lat), 2), "p99_ms": round(float(np.percentile(lat, 99)), 2)})
+    t = time.perf_counter()
+    for i in range(n_queries):
+        np.argsort(-(q[i] @ db.T))[:10]
+    exact_ms = (time.perf_counter() - t) * 1e3 / n_queries
+    store.close()
+    return {"rows": rows, "vectors": n, "dim": dim, "queries": n_queries, "build_s": round(build, 1),
+            "exact_numpy_ms_per_query": round(exact_ms, 2),
+            "data": "synthetic_unit (power-law spectrum + noise), not real descriptors"}  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------
+def markdown(results: dict) -> str:
+    out = [f"# Scaling out: measured {results['date']} on {results['machine']}", ""]
+    for part, res in results["parts"].items():
+        rows = res["rows"]
+        out += [f"## {part}", "", "| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
+        out += ["| " + " | ".join(str(v) for v in r.values()) + " |" for r in rows]
+        notes = {k: v for k, v in res.items() if k != "rows"}
+        out += ["", ", ".join(f"{k}: {v}" for k, v in notes.items()), ""]
+    return "\n".join(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--images", type=int, default=480)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--vectors", type=int, default=1_000_000)
+    ap.add_argument("--search-n", type=int, default=100_000)
+    ap.add_argument("--parts", default="extract,import,search")
+    ap.add_argument("--out", type=Path, default=RESULTS / "distributed.json")
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="cbir-bench-dist-", dir="/tmp"))
+    results = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{os.cpu_count()} cores",
+               "command": " ".join(sys.argv), "parts": {}}  # fmt: skip
+    try:
+        parts = args.parts.split(",")
+        if "extract" in parts:
+            results["parts"]["extraction throughput"] = bench_extract(args.images, args.repeats, work)
+        if "import" in parts:
+            results["parts"]["import from Parquet"] = bench_import(args.vectors, work)
+        if "search" in parts:
+            results["parts"]["Milvus Lite search"] = bench_search(args.search_n, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=1))
+    args.out.with_suffix(".md").write_text(markdown(results))
+    print(markdown(results))
+
+
+if __name__ == "__main__":
+    main()

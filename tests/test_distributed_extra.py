@@ -1,0 +1,52 @@
+"""The distributed extra stays optional: the base CLI never imports it, and a command that
+needs a missing piece says which extra installs it (exit status, no traceback)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from cbir.cli.commands import app
+
+HEAVY = ("ray", "pyarrow", "pymilvus", "milvus_lite")
+
+
+def test_ray_address_is_checked(tmp_path: Path, image_dir, tiny_descriptor) -> None:
+    desc = tmp_path / "tiny.cbir"
+    tiny_descriptor.save(desc)
+    res = CliRunner().invoke(app, ["extract", str(image_dir), "-m", str(desc), "--ray", "imgs/", "--out", "o"])
+    assert res.exit_code == 2 and "--ray takes auto, local" in " ".join(res.output.split())
+
+
+def test_cbir_help_imports_none_of_the_extra() -> None:
+    code = (
+        "import sys\n"
+        "from typer.testing import CliRunner\n"
+        "from cbir.cli.commands import app\n"
+        "for args in (['--help'], ['extract', '--help'], ['index', '--help']):\n"
+        "    assert CliRunner().invoke(app, args).exit_code == 0, args\n"
+        f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("blocked", ["ray", "pymilvus"])
+def test_a_missing_dependency_names_the_extra(blocked, monkeypatch, tmp_path: Path, image_dir, tiny_descriptor) -> None:
+    monkeypatch.setitem(sys.modules, blocked, None)  # import fails as if it were not installed
+    desc = tmp_path / "tiny.cbir"
+    tiny_descriptor.save(desc)
+    if blocked == "ray":
+        args = ["extract", str(image_dir), "-m", str(desc), "--ray", "auto", "--out", str(tmp_path / "emb")]
+    else:
+        args = ["index", str(image_dir), "--db", str(tmp_path / "db"), "-m", str(desc), "--store", "milvus"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 1, res.output
+    said = " ".join(res.output.split())  # unwrapped
+    assert "pip install 'cbir[distributed]'" in said and f"needs {blocked}" in said
+    assert res.exception is None or isinstance(res.exception, SystemExit)
