@@ -1,4 +1,4 @@
-"""Commands of the search engine: ``index``, ``search``, ``stats`` and ``duplicates``.
+"""Commands of the search engine: ``index``, ``search`` and ``stats`` (``duplicates``: duplicates_cmds).
 
 A thin layer over :class:`cbir.index.Index`: parse options, call the API, print.
 """
@@ -224,37 +224,3 @@ def stats_cmd(db: DbOpt = Path(DEFAULT_DB), json_out: JsonOpt = False) -> None:
         err.print(f"[yellow]failed[/] {path}: {reason}")
     if len(failures) > 20:
         err.print(f"... and {len(failures) - 20} more failures")
-
-
-@app.command("duplicates")
-def duplicates_cmd(
-    db: DbOpt = Path(DEFAULT_DB),
-    threshold: Annotated[
-        float,
-        typer.Option(
-            "--threshold",
-            "-t",
-            help="Cosine similarity at or above which two images are duplicates.",
-        ),
-    ] = 0.9,
-    json_out: JsonOpt = False,
-) -> None:
-    """Group near-duplicate images (connected groups, largest first)."""
-    with _user_errors():
-        with _open(db, readonly=True) as idx:
-            groups = idx.duplicates(threshold)
-    if json_out:
-        typer.echo(
-            json.dumps(
-                {"groups": [[{"path": h.path, "score": h.score} for h in g] for g in groups]}
-            )
-        )
-        return
-    if not groups:
-        console.print(f"no duplicates at threshold {threshold}")
-        return
-    for n, group in enumerate(groups, 1):
-        console.print(f"[bold]group {n}[/] ({len(group)} images)")
-        for h in group:
-            console.print(f"  {h.score:.4f}  {h.path}")
-    console.print(f"{len(groups)} groups, {sum(len(g) for g in groups)} images")
