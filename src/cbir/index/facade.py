@@ -26,7 +26,7 @@ from cbir.index import folder as fl
 from cbir.index import opening
 from cbir.index.catalog import Catalog, ImageRecord
 from cbir.index.duplicates import group_duplicates
-from cbir.index.errors import CbirIndexError, IndexBusyError
+from cbir.index.errors import CbirIndexError, DescriptorMismatchError, IndexBusyError
 from cbir.index.locks import BusyError, FileLock, ReadWriteLock
 from cbir.index.query import Query, QueryResolver
 from cbir.index.settings import IndexSettings, resolve_descriptor
@@ -36,7 +36,7 @@ from cbir.index.sync import FileStat, under, walk
 from cbir.index.writer import IndexWriter, RunOptions, SyncReport, timed
 from cbir.models.descriptor import Descriptor
 from cbir.postprocess import alpha_qe
-from cbir.runtime import DEFAULT_ENGINE
+from cbir.runtime import DEFAULT_ENGINE, EngineMismatch, engine_for, for_engine
 
 
 @dataclass
@@ -56,7 +56,8 @@ class Index:
     """
 
     def __init__(
-        self, layout: fl.Layout, catalog: Catalog, descriptor: Descriptor, *, readonly: bool, engine: str, wait: float
+        self, layout: fl.Layout, catalog: Catalog, descriptor: Descriptor, *, readonly: bool, engine: str, wait: float,
+        engine_options: dict[str, Any] | None = None,
     ) -> None:
         self.layout = layout
         self.folder = layout.folder
@@ -64,6 +65,8 @@ class Index:
         self.descriptor = descriptor
         self.readonly = readonly
         self.engine = engine
+        #: ``device`` and ``calibrate`` for the engine's runner (see cbir.runtime.make_runner)
+        self.engine_options: dict[str, Any] = dict(engine_options or {})
         self.dim = int(descriptor.dim)
         self.settings = IndexSettings(catalog, self.dim)
         self._wait = wait
@@ -72,7 +75,7 @@ class Index:
         self._flock = FileLock(layout.lock)
         self._closed = False
         self._detached = False  # the store was repaired in memory only (another writer held the lock)
-        self._queries = QueryResolver(catalog, descriptor, engine)
+        self._queries = QueryResolver(catalog, descriptor, engine, self.engine_options)
         self._writes = IndexWriter(self)
         self.store: VectorStore = self._make_store()
 
@@ -87,10 +90,12 @@ class Index:
         memory_budget: int | None = None,
         dba: int | None = None,
         dba_alpha: float | None = None,
-        engine: str = DEFAULT_ENGINE,
+        engine: str | None = None,
         wait: float = 0.0,
         exist_ok: bool = False,
         store: str | None = None,
+        device: str = "auto",
+        calibrate: str | os.PathLike | None = None,
     ) -> Index:
         """Create an index in ``path`` (a new or empty folder): ``model`` (backbone name,
         descriptor file or :class:`Descriptor`; default: the default descriptor) is saved
@@ -102,14 +107,15 @@ class Index:
         folder) or a registered vector database's setting such as ``milvus:URI`` (see
         :mod:`cbir.index.stores.registry` and :mod:`cbir.index.stores.milvus`)."""
         layout = fl.Layout(Path(path))
-        descriptor = resolve_descriptor(model)
+        # the identity records the engine's numerics: an int8 index never takes fp32 vectors
+        descriptor = for_engine(resolve_descriptor(model), engine or DEFAULT_ENGINE, calibrate)
         meta = IndexSettings.initial(descriptor, factory, memory_budget, dba, dba_alpha,
                                      store=_store_setting(store, layout.folder))  # fmt: skip
         new = opening.create_folder(layout, descriptor, meta, wait=wait, exist_ok=exist_ok)
         return cls.open(path, model=None if new else model, factory=None if new else factory,
                         memory_budget=None if new else memory_budget, dba=None if new else dba,
                         dba_alpha=None if new else dba_alpha, engine=engine, wait=wait,
-                        store=None if new else store)  # fmt: skip
+                        store=None if new else store, device=device, calibrate=calibrate)  # fmt: skip
 
     @classmethod
     def open(
@@ -123,9 +129,11 @@ class Index:
         readonly: bool = False,
         dba: int | None = None,
         dba_alpha: float | None = None,
-        engine: str = DEFAULT_ENGINE,
+        engine: str | None = None,
         wait: float = 0.0,
         store: str | None = None,
+        device: str = "auto",
+        calibrate: str | os.PathLike | None = None,
     ) -> Index:
         """Open the index in ``path``; with ``create=True`` create it if the folder has none
         (see :meth:`create`). ``model`` is checked against the stored descriptor
@@ -136,10 +144,19 @@ class Index:
         layout = fl.Layout(Path(path))
         if create and not readonly and layout.state() in ("absent", "interrupted"):
             return cls.create(path, model=model, factory=factory, memory_budget=memory_budget, dba=dba,
-                              dba_alpha=dba_alpha, engine=engine, wait=wait, exist_ok=True, store=store)  # fmt: skip
+                              dba_alpha=dba_alpha, engine=engine, wait=wait, exist_ok=True, store=store,
+                              device=device, calibrate=calibrate)  # fmt: skip
+        if model is not None:  # compared with the stored descriptor as the engine would make it
+            model = for_engine(resolve_descriptor(model), engine or DEFAULT_ENGINE, calibrate)
         catalog, descriptor = opening.open_catalog(layout, model, readonly=readonly, wait=wait)
         try:
-            index = cls(layout, catalog, descriptor, readonly=readonly, engine=engine, wait=wait)
+            try:
+                engine = engine_for(descriptor, engine)  # None: the engine that made the vectors
+            except EngineMismatch as exc:
+                raise DescriptorMismatchError(f"the index in {layout.folder}: {exc}") from exc
+            options = {"device": device, "calibrate": calibrate}
+            index = cls(layout, catalog, descriptor, readonly=readonly, engine=engine, wait=wait,
+                        engine_options=options)
             changes = index.settings.changes(factory, memory_budget, dba, dba_alpha, store, layout.folder)
             if changes:
                 if readonly:
