@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from cbir.errors import CbirError
-from cbir.index import ann
+from cbir.index import ann, ann_bench
 from cbir.index.ann import GiB, MemoryBudgetError, estimate_memory, parse_factory, plan_index
 
 
@@ -131,3 +131,35 @@ def test_search_parameters_reach_the_inner_indexes() -> None:
     assert low < wide < refined
     assert refined > 0.9
     assert ann.search_parameters(index) is None
+
+
+def test_candidate_guard_never_proposes_an_untrainable_index() -> None:
+    """Every inverted file the planner proposes has MIN_POINTS_PER_LIST training vectors per
+    list and per PQ centroid; below that it falls back to scalar-quantised codes, which
+    FAISS trains on that few vectors."""
+    for n in (2_000, 2_496, 3_000, 10_000, 60_000, 300_000, 1_000_000):
+        for dim in (64, 1000, 1280):
+            factory = ann.ann_plan(n, dim, 10 * GiB).factory
+            parts = parse_factory(factory, dim)
+            assert ann.trainable(factory, n, dim), (n, dim, factory)
+            assert parts.nlist == 0 or n >= ann.MIN_POINTS_PER_LIST * parts.nlist, (n, dim, factory)
+    assert not ann.trainable("IVF64,PQ16x4fs", 64 * ann.MIN_POINTS_PER_LIST - 1)
+    assert not ann.trainable("PQ8", 256 * ann.MIN_POINTS_PER_LIST - 1)
+    assert ann.trainable("SQ8", 1) and ann.trainable("IVF64,PQ16x4fs", 64 * ann.MIN_POINTS_PER_LIST)
+
+
+def test_tiny_collection_over_budget_gets_trainable_codes() -> None:
+    """A budget too small for Flat on a collection too small for an inverted file: scalar
+    codes (no lists, no nprobe) that FAISS builds from the collection itself."""
+    n, d = 500, 64
+    budget = estimate_memory("Flat", n, d) // 2
+    plan = plan_index(n, d, budget)
+    assert plan.factory.split(",")[0] in ("SQ8", "SQ4") and plan.nprobe is None
+    assert estimate_memory(plan.factory, n, d) <= budget
+    x = spectrum_data(n, d, 5)
+    index = faiss.index_factory(d, plan.factory, faiss.METRIC_INNER_PRODUCT)
+    index.train(x)
+    index.add(x)
+    _, got = index.search(x[:20], 1)
+    assert (got[:, 0] == np.arange(20)).mean() >= 0.9
+    assert [c.factory for c in ann_bench.candidates(n, d)] == ["Flat"]

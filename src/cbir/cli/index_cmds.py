@@ -26,8 +26,8 @@ from cbir.cli.options import (
     parse_size,
 )
 from cbir.errors import CbirError
-from cbir.extract import DEFAULT_ENGINE
 from cbir.index import DEFAULT_DB, Index
+from cbir.runtime import DEFAULT_ENGINE
 
 console = Console(stderr=False)
 err = Console(stderr=True)

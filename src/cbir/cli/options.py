@@ -22,9 +22,9 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 from cbir.data.decode import DEFAULT_MAX_PIXELS
-from cbir.extract import DEFAULT_ENGINE
 from cbir.models.backbones import DEFAULT_BACKBONE
 from cbir.models.descriptor import RADENOVIC_SCALES, Descriptor, build_descriptor
+from cbir.runtime import DEFAULT_ENGINE
 
 ModelOpt = Annotated[
     str,

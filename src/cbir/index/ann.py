@@ -49,6 +49,10 @@ FLAT_MAX_SCAN_BYTES = 256 * MiB
 LISTS_PER_SQRT_N = 1
 #: k-means training points per inverted list (FAISS warns below 39).
 TRAIN_POINTS_PER_LIST = 40
+#: Fewest vectors per k-means centroid for a candidate to be considered at all: an
+#: inverted file (or PQ codebook) with fewer training points than this per centroid is
+#: trained on noise, so the planner does not propose it (the candidate guard).
+MIN_POINTS_PER_LIST = 39
 #: Bounds of the training sample (PCA and the refinement's scalar quantiser want a few
 #: tens of thousands of points whatever the number of lists; k-means time grows with it).
 MIN_TRAIN_SAMPLE = 50_000
@@ -115,8 +119,9 @@ def ann_plan(n: int, dim: int, memory_budget: int | None = None) -> IndexPlan:
     tried = []
     # a refinement matters more to recall than finer codes: try every base with the
     # most precise refinement before any base with a coarser one
+    bases = _ann_bases(n, dim)
     for refine, _ in (*_REFINEMENTS, ("", 0.0)):
-        for base in _ann_bases(n, dim):
+        for base in bases:
             factory = f"{base},{refine}" if refine else base
             need = estimate_memory(factory, n, dim)
             tried.append((factory, need))
@@ -144,17 +149,30 @@ def _ann_bases(n: int, dim: int) -> list[str]:
     full dimension with 4, then 8, then 16 dimensions per sub-quantiser. No PCA: on
     descriptors it drops the small-variance axes in which close neighbours differ, and no
     refinement depth gets that back (docs/ann.md). A dimension that is not a multiple of
-    16 is padded by a random rotation (``RR``) first, as PQ needs equal sub-vectors."""
+    16 is padded by a random rotation (``RR``) first, as PQ needs equal sub-vectors.
+
+    Only candidates ``n`` vectors can train are proposed (:func:`trainable`): a collection
+    too small for the smallest inverted file gets scalar-quantised codes scanned in full
+    (``SQ8``, ``SQ4``), which train on per-dimension ranges alone."""
     padded = -(-dim // 16) * 16
     pre = f"RR{padded}," if padded != dim else ""
     nlist = ivf_lists(n)
-    return [f"{pre}IVF{nlist},PQ{padded // per}x4fs" for per in (4, 8, 16)]
+    bases = [f"{pre}IVF{nlist},PQ{padded // per}x4fs" for per in (4, 8, 16)]
+    return [b for b in bases if trainable(b, n, dim)] or ["SQ8", "SQ4"]
+
+
+def trainable(factory: str, n: int, dim: int = 1) -> bool:
+    """Whether ``n`` vectors are enough to train ``factory``: at least
+    :data:`MIN_POINTS_PER_LIST` per inverted list and per PQ centroid (FAISS's k-means
+    needs at least one point per centroid and warns below 39)."""
+    parts = parse_factory(factory, dim)
+    return n >= MIN_POINTS_PER_LIST * max(parts.nlist, parts.pq_centroids)
 
 
 def _ann_plan(factory: str, n: int, dim: int, need: int, budget: int) -> IndexPlan:
     parts = parse_factory(factory, dim)
     flat_bytes = estimate_memory("Flat", n, dim)
-    nprobe = default_nprobe(parts.nlist)
+    nprobe = default_nprobe(parts.nlist) if parts.nlist else None
     k_factor = DEFAULT_K_FACTOR if parts.refine_bytes else None
     refine = f"refined on {parts.refine_label}" if parts.refine_bytes else "no refinement fits"
     reason = (
@@ -210,6 +228,7 @@ class FactoryParts:
     refine_bytes: float = 0.0  #: per vector, refinement copy
     refine_label: str = ""
     trains: bool = False
+    pq_centroids: int = 0  #: centroids of the largest PQ codebook k-means trains
 
 
 _SPLIT = re.compile(r",(?![^()]*\))")
@@ -272,6 +291,7 @@ def _code_bytes(token: str, d: int, p: FactoryParts) -> float:
         sub, bits = int(m.group(1)), int(m.group(2) or 8)
         p.fixed_bytes += (1 << bits) * d * 4
         p.trains = True
+        p.pq_centroids = max(p.pq_centroids, 1 << bits)
         return math.ceil(sub * bits / 8)
     raise ValueError(token)
 

@@ -37,8 +37,6 @@ from cbir.index import ann
 K = 10
 #: Rows read from the collection at a time while adding and computing exact neighbours.
 CHUNK = 65_536
-#: Fewest vectors per inverted list to train one (FAISS's k-means warns below 39).
-MIN_POINTS_PER_LIST = 39
 #: Synthetic collections larger than this are written to a memory map, not held in memory.
 MEMMAP_ABOVE = 512 << 20
 
@@ -90,15 +88,17 @@ class Result:
 def candidates(n: int, dim: int, memory_budget: int | None = None) -> list[Candidate]:
     """What to measure for ``n`` vectors: Flat, the auto plan at its settings (chosen) and
     around them, and its first stage alone. When the plan is Flat (a small collection),
-    the large-collection plan for this size is measured as well, labelled as such."""
+    the large-collection plan for this size is measured as well, labelled as such, if the
+    collection can train its inverted file (:func:`cbir.index.ann.trainable`); otherwise
+    Flat is measured alone."""
     plan = ann.plan_index(n, dim, memory_budget)
     out = [Candidate("Flat", label="exact (baseline)")]
     label = "auto plan"
     if plan.factory == "Flat":
         plan = ann.ann_plan(n, dim, memory_budget)
         label = "large-collection plan (auto picks Flat at this size)"
-        if n < MIN_POINTS_PER_LIST * ann.parse_factory(plan.factory, dim).nlist:
-            return out  # too few vectors to train its inverted lists
+        if not ann.parse_factory(plan.factory, dim).nlist:
+            return out  # too few vectors for an inverted file: the fallback codes say nothing
     nprobe = plan.nprobe or 1
     nlist = ann.parse_factory(plan.factory, dim).nlist or nprobe
     probes = sorted({max(1, min(nlist, p)) for p in (nprobe // 2, nprobe, nprobe * 2, nprobe * 4)})
@@ -342,6 +342,13 @@ def bench_index(
             vectors = _read_vectors(catalog, dim, n, path)
             sample = sample_queries(vectors, queries, seed=kwargs.get("seed", 0))
             return bench_vectors(vectors, sample, **kwargs)
+
+
+def index_vectors(db: str | os.PathLike) -> np.ndarray:
+    """All the vectors the index in ``db`` holds, in memory, in id order (for collections
+    that fit, such as gpr-mini; :func:`bench_index` memory-maps large ones)."""
+    with _catalog(db) as (catalog, dim):
+        return _read_vectors(catalog, dim, catalog.counts()["ok"], None)
 
 
 @contextlib.contextmanager

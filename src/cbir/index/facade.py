@@ -22,7 +22,6 @@ from typing import Any
 from PIL import Image
 
 from cbir.data.decode import DEFAULT_MAX_PIXELS
-from cbir.extract import DEFAULT_ENGINE
 from cbir.index import folder as fl
 from cbir.index import opening
 from cbir.index.catalog import Catalog, ImageRecord
@@ -38,6 +37,7 @@ from cbir.index.sync import FileStat, under, walk
 from cbir.index.writer import IndexWriter, RunOptions, SyncReport, timed
 from cbir.models.descriptor import Descriptor
 from cbir.postprocess import alpha_qe
+from cbir.runtime import DEFAULT_ENGINE
 
 
 @dataclass

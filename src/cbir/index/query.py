@@ -17,11 +17,11 @@ import numpy as np
 from PIL import Image
 
 from cbir.data.decode import DecodeError, load_image, to_rgb
-from cbir.extract import Runner, make_runner
 from cbir.index.catalog import Catalog
 from cbir.index.errors import DescriptorMismatchError, QueryError
 from cbir.index.sync import file_sha256
 from cbir.models.descriptor import Descriptor
+from cbir.runtime import Runner, make_runner
 
 #: What :meth:`cbir.index.Index.search` accepts as a query.
 Query = Image.Image | np.ndarray | bytes | str | os.PathLike
