@@ -17,7 +17,7 @@ import typer
 from cbir.cli.commands import app
 from cbir.cli.index_cmds import DbOpt, _open, _user_errors
 from cbir.index import DEFAULT_DB
-from cbir.index.duplicates import DEFAULT_THRESHOLD
+from cbir.index.duplicates import DEFAULT_THRESHOLD, Verification
 from cbir.index.removal import KEEP_RULES, DuplicateGroup
 
 FORMATS = ("table", "json", "paths")
@@ -81,6 +81,15 @@ def duplicates_cmd(
         ),
     ] = "table",
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON (same as --format json).")] = False,
+    verify: Annotated[
+        bool,
+        typer.Option(
+            "--verify",
+            help="Also group an image's nearest neighbours below the threshold when their local features "
+            "match under one geometric transformation (SIFT + RANSAC; finds more copies that were cropped, "
+            "shrunk or recompressed; reads the candidate files; needs OpenCV: pip install 'cbir[mine]').",
+        ),
+    ] = False,
 ) -> None:
     """Group near-duplicate images (every member close to the group's first), largest group first,
     and list the files to remove so that one file of each group is kept. Nothing is deleted."""
@@ -90,7 +99,7 @@ def duplicates_cmd(
         raise typer.BadParameter(f"one of {', '.join(FORMATS)}", param_hint="--format")
     with _user_errors():
         with _open(db, readonly=True) as idx:
-            plan = idx.duplicate_plan(threshold, keep)
+            plan = idx.duplicate_plan(threshold, keep, verify=Verification() if verify else None)
     if json_out or fmt == "json":
         typer.echo(json.dumps(_payload(plan, threshold, keep)))
     elif fmt == "paths":

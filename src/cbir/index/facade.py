@@ -19,13 +19,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from PIL import Image
 
 from cbir.data.decode import DEFAULT_MAX_PIXELS
 from cbir.index import folder as fl
 from cbir.index import opening
 from cbir.index.catalog import Catalog, ImageRecord
-from cbir.index.duplicates import DEFAULT_THRESHOLD, PairSearch, duplicate_pairs, star_groups
+from cbir.index.duplicates import (
+    DEFAULT_THRESHOLD,
+    PairCheck,
+    PairSearch,
+    Verification,
+    duplicate_pairs,
+    star_groups,
+    verified_pairs,
+)
 from cbir.index.errors import CbirIndexError, IndexBusyError
 from cbir.index.locks import BusyError, FileLock, ReadWriteLock
 from cbir.index.query import Query, QueryResolver
@@ -431,11 +440,19 @@ class Index:
         scores, ids = self.store.search(q[None], max(1, depth), params)
         return [(int(i), float(s)) for i, s in zip(ids[0], scores[0], strict=True) if i >= 0]
 
-    def duplicates(self, threshold: float = DEFAULT_THRESHOLD, how: PairSearch = PairSearch()) -> list[list[Hit]]:
+    def duplicates(
+        self,
+        threshold: float = DEFAULT_THRESHOLD,
+        how: PairSearch = PairSearch(),
+        verify: Verification | None = None,
+    ) -> list[list[Hit]]:
         """Star groups of near-duplicate images, largest first: every member's raw-descriptor
         cosine to the group's first member (its centre, score 1.0) is >= ``threshold``; the
         others follow by similarity. Pairs come from this index's kNN search in blocks (no
-        n x n matrix); see :mod:`cbir.index.duplicates` for how groups and centres are chosen."""
+        n x n matrix); see :mod:`cbir.index.duplicates` for how groups and centres are chosen.
+        ``verify`` also admits pairs below the threshold that pass geometric verification
+        (:class:`cbir.index.duplicates.Verification`; needs OpenCV, the ``mine`` extra): those
+        members' scores are then below ``threshold``."""
         if not -1.0 <= threshold <= 1.0:
             raise CbirIndexError("threshold is a cosine similarity: between -1 and 1 (e.g. 0.95)")
         with self._rw.read():
@@ -457,7 +474,11 @@ class Index:
             with self._rw.read():
                 return self.catalog.vectors(want.tolist(), dim=self.dim)
 
-        pairs, scores = duplicate_pairs(blocks(), search, fetch, threshold, how)
+        if verify is None:
+            pairs, scores = duplicate_pairs(blocks(), search, fetch, threshold, how)
+        else:
+            check = self._geometric_check(verify)
+            pairs, scores = verified_pairs(blocks, search, fetch, threshold, check, verify, how)
         groups = star_groups(pairs, scores)
         with self._rw.read():
             paths = self.catalog.paths_for([i for g in groups for i, _ in g])
@@ -470,14 +491,38 @@ class Index:
                 out.append(hits)
         return out
 
+    def _geometric_check(self, verify: Verification) -> PairCheck:
+        """Pairs of ids -> which pass cbir.verify's local-feature RANSAC test (a file that
+        cannot be read, or is gone, does not pass)."""
+        from cbir.verify import GeometricVerifier, VerifyError
+
+        verifier = GeometricVerifier(min_inliers=verify.min_inliers)
+
+        def check(pairs: Any) -> Any:
+            with self._rw.read():
+                paths = self.catalog.paths_for(pairs.ravel().tolist())
+            ok = []
+            for a, b in pairs.tolist():
+                try:
+                    ok.append(a in paths and b in paths and verifier.verify(paths[a], paths[b]).verified)
+                except VerifyError:
+                    ok.append(False)
+            return np.array(ok, dtype=bool)
+
+        return check
+
     def duplicate_plan(
-        self, threshold: float = DEFAULT_THRESHOLD, keep: str = "first", how: PairSearch = PairSearch()
+        self,
+        threshold: float = DEFAULT_THRESHOLD,
+        keep: str = "first",
+        how: PairSearch = PairSearch(),
+        verify: Verification | None = None,
     ) -> list[DuplicateGroup]:
         """:meth:`duplicates` with the member to keep in each group chosen by ``keep``
         (``first``, ``largest``, ``oldest``: :mod:`cbir.index.removal`) and the rest to remove."""
         if keep not in KEEP_RULES:
             raise CbirIndexError(f"unknown keep rule {keep!r}: one of {', '.join(KEEP_RULES)}")
-        groups = self.duplicates(threshold, how)
+        groups = self.duplicates(threshold, how, verify)
         cache: dict[int, FileFacts] = {}
 
         def facts(m: Hit) -> FileFacts:
