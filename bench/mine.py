@@ -1,6 +1,6 @@
 """Mining precision on train-pool with its folder names hidden (issue 14).
 
-train-pool's images are linked into ONE flat folder under names that are a hash of the
+train-pool's images are hard-linked (or copied) into ONE flat folder under names that are a hash of the
 file's bytes (no class, no folder, no order), ``cbir mine``'s pipeline runs on that folder,
 and only afterwards are the mined pairs scored against the hidden classes: a pair is
 correct when both images come from the same class folder. gpr-mini is not touched.
@@ -19,6 +19,7 @@ import argparse
 import hashlib
 import json
 import os
+import shutil
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -35,15 +36,20 @@ DATA = Path("../shared/datasets")
 
 
 def flatten(source: Path, flat: Path) -> dict[str, str]:
-    """Symlink every image under ``source`` into ``flat`` as <sha1 of its bytes>.<ext>;
-    returns flat name -> hidden class (its folder relative to ``source``)."""
+    """Hard-link (or copy) every image under ``source`` into ``flat`` as <sha1 of its bytes>.<ext>;
+    returns flat name -> hidden class (its folder relative to ``source``). Not symlinks:
+    cbir's folder listing does not follow a link out of the folder, and the link target
+    would name the class."""
     flat.mkdir(parents=True, exist_ok=True)
     truth: dict[str, str] = {}
     for f in list_images(source):
         name = hashlib.sha1(f.read_bytes()).hexdigest()[:16] + f.suffix.lower()
         link = flat / name
         if not link.exists():
-            os.symlink(f.resolve(), link)
+            try:
+                os.link(f.resolve(), link)
+            except OSError:  # another file system
+                shutil.copyfile(f, link)
         truth[name] = str(f.parent.relative_to(source))
     return truth
 

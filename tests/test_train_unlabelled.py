@@ -65,6 +65,9 @@ def test_recipes_resolve_as_documented() -> None:
     r = resolve_recipe("paper", {"lr": 3e-4, "pool_size": None, "epochs": 2})
     assert r["lr"] == 3e-4 and r["pool_size"] == 20000 and r["epochs"] == 2
     assert TrainConfig(**resolve_recipe("cpu", {})).freeze == 0.4
+    # another loss without a margin gets that loss's own default margin, not the recipe's
+    assert TrainConfig(**resolve_recipe("cpu", {"loss": "triplet"})).effective_margin == 0.1
+    assert resolve_recipe("cpu", {"loss": "triplet", "margin": 0.3})["margin"] == 0.3
     with pytest.raises(ValueError, match="unknown recipe"):
         resolve_recipe("gpu", {})
 

@@ -100,10 +100,15 @@ def resolve_recipe(name: str, explicit: dict[str, Any]) -> dict[str, Any]:
     """The recipe's settings with every explicitly given value (not ``None``) on top.
 
     ``explicit`` maps :class:`~cbir.train.TrainConfig` field names to what the user gave;
-    ``None`` means "not given". Keys the recipe does not set pass through unchanged.
+    ``None`` means "not given". Keys the recipe does not set pass through unchanged. A loss
+    other than the recipe's, given without a margin, gets its own default margin
+    (:data:`cbir.train.losses.DEFAULT_MARGINS`), not the recipe's contrastive one.
     """
     out = dict(get_recipe(name).settings)
-    out.update({k: v for k, v in explicit.items() if v is not None})
+    given = {k: v for k, v in explicit.items() if v is not None}
+    out.update(given)
+    if "loss" in given and "margin" not in given and given["loss"] != get_recipe(name).settings.get("loss"):
+        out["margin"] = None  # the recipe's margin is for its own loss: use the chosen loss's default
     return out
 
 
