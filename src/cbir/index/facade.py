@@ -26,10 +26,11 @@ from cbir.data.decode import DEFAULT_MAX_PIXELS
 from cbir.index import folder as fl
 from cbir.index import opening
 from cbir.index.catalog import Catalog, ImageRecord
-from cbir.index.duplicates import group_duplicates
+from cbir.index.duplicates import DEFAULT_THRESHOLD, PairSearch, duplicate_pairs, star_groups
 from cbir.index.errors import CbirIndexError, IndexBusyError
 from cbir.index.locks import BusyError, FileLock, ReadWriteLock
 from cbir.index.query import Query, QueryResolver
+from cbir.index.removal import KEEP_RULES, DuplicateGroup, FileFacts, pixel_count, plan_removal
 from cbir.index.settings import IndexSettings, resolve_descriptor
 from cbir.index.stores import SearchParams, StoreSpec, VectorStore, make_store
 from cbir.index.stores.registry import DEFAULT_STORE, check_store, store_name
@@ -451,23 +452,64 @@ class Index:
         scores, ids = self.store.search(q[None], max(1, depth), params)
         return [(int(i), float(s)) for i, s in zip(ids[0], scores[0], strict=True) if i >= 0]
 
-    def duplicates(self, threshold: float) -> list[list[Hit]]:
-        """Groups of near-duplicate images (cosine similarity >= ``threshold`` on the raw
-        descriptors, exact), as connected components, largest group first; see
-        :func:`cbir.index.duplicates.group_duplicates` for the order inside a group."""
+    def duplicates(self, threshold: float = DEFAULT_THRESHOLD, how: PairSearch = PairSearch()) -> list[list[Hit]]:
+        """Star groups of near-duplicate images, largest first: every member's raw-descriptor
+        cosine to the group's first member (its centre, score 1.0) is >= ``threshold``; the
+        others follow by similarity. Pairs come from this index's kNN search in blocks (no
+        n x n matrix); see :mod:`cbir.index.duplicates` for how groups and centres are chosen."""
         if not -1.0 <= threshold <= 1.0:
             raise CbirIndexError("threshold is a cosine similarity: between -1 and 1 (e.g. 0.95)")
-        with self._rw.read():  # one consistent snapshot (a single SELECT)
-            ids, vectors = self.catalog.all_vectors(dim=self.dim)
-        groups = group_duplicates(vectors, threshold)  # O(n^2): outside the lock
         with self._rw.read():
-            paths = self.catalog.paths_for([int(ids[r]) for g in groups for r, _ in g])
+            ids = self.catalog.ok_ids()
+
+        def blocks() -> Iterator[tuple[Any, Any]]:
+            for start in range(0, len(ids), how.block):
+                with self._rw.read():  # a block at a time: writers are not held off for the whole scan
+                    block = self.catalog.vectors(ids[start : start + how.block].tolist(), dim=self.dim)
+                yield block  # outside the lock: the consumer takes it again to search
+
+        def search(q: Any, k: int) -> tuple[Any, Any]:
+            with self._rw.read():
+                if self._closed:
+                    raise CbirIndexError("index is closed")
+                return self.store.search(q, k)
+
+        def fetch(want: Any) -> tuple[Any, Any]:
+            with self._rw.read():
+                return self.catalog.vectors(want.tolist(), dim=self.dim)
+
+        pairs, scores = duplicate_pairs(blocks(), search, fetch, threshold, how)
+        groups = star_groups(pairs, scores)
+        with self._rw.read():
+            paths = self.catalog.paths_for([i for g in groups for i, _ in g])
         out = []
-        for g in groups:  # a file removed meanwhile is left out
-            hits = [Hit(int(ids[r]), paths[int(ids[r])], s) for r, s in g if int(ids[r]) in paths]
+        for g in groups:  # a file removed meanwhile is left out; a group needs its centre
+            if g[0][0] not in paths:
+                continue
+            hits = [Hit(i, paths[i], s) for i, s in g if i in paths]
             if len(hits) > 1:
                 out.append(hits)
         return out
+
+    def duplicate_plan(
+        self, threshold: float = DEFAULT_THRESHOLD, keep: str = "first", how: PairSearch = PairSearch()
+    ) -> list[DuplicateGroup]:
+        """:meth:`duplicates` with the member to keep in each group chosen by ``keep``
+        (``first``, ``largest``, ``oldest``: :mod:`cbir.index.removal`) and the rest to remove."""
+        if keep not in KEEP_RULES:
+            raise CbirIndexError(f"unknown keep rule {keep!r}: one of {', '.join(KEEP_RULES)}")
+        groups = self.duplicates(threshold, how)
+        cache: dict[int, FileFacts] = {}
+
+        def facts(m: Hit) -> FileFacts:
+            if m.id not in cache:
+                with self._rw.read():
+                    rec = self.catalog.get(m.id)
+                size, mtime = (rec.size, rec.mtime_ns) if rec else (0, 0)
+                cache[m.id] = FileFacts(pixel_count(m.path) if keep == "largest" else 0, size, mtime)
+            return cache[m.id]
+
+        return plan_removal(groups, keep, facts)
 
 
 def _store_setting(store: str | None, folder: Path) -> str:
