@@ -197,10 +197,14 @@ def index_stats(db: PathLike = DEFAULT_DB) -> dict[str, Any]:
         return stats
 
 
-def find_duplicates(db: PathLike = DEFAULT_DB, threshold: float = 0.9, **options: Any) -> list[list[Hit]]:
-    """Near-duplicate groups of an index (:mod:`cbir.index.duplicates`; docs/duplicates.md)."""
+def find_duplicates(db: PathLike = DEFAULT_DB, threshold: float | None = None, *, keep: str = "first") -> list[Any]:
+    """Near-duplicate groups of an index with the file to keep in each and the files to remove
+    (:mod:`cbir.index.duplicates`, :mod:`cbir.index.removal`; docs/duplicates.md). ``threshold``:
+    default the value calibrated for the default model; ``keep``: first, largest or oldest."""
+    from cbir.index.duplicates import DEFAULT_THRESHOLD
+
     with open_index(db, readonly=True) as idx, user_errors():
-        return idx.duplicates(threshold, **options)
+        return idx.duplicate_plan(DEFAULT_THRESHOLD if threshold is None else threshold, keep)
 
 
 # ---------------------------------------------------------------------------------------

@@ -9,8 +9,12 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
+import click
 import typer
 import typer.core
+
+from cbir.cli import output
+from cbir.errors import CbirError
 
 
 def _plain_help() -> None:
@@ -39,7 +43,26 @@ def _plain_help() -> None:
 
 _plain_help()
 
+
+class CbirGroup(typer.core.TyperGroup):
+    """The one place where errors become what a user sees: a :class:`CbirError` is one
+    ``error: <message>`` line on stderr and its ``exit_code`` (docs/cli.md, "Exit codes");
+    a reader that closed the pipe ends the command quietly. Wrapping the group's ``invoke``
+    covers every command, nested groups (``bench``) included, however the app is run
+    (the console script or a test's ``CliRunner``)."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except CbirError as exc:
+            output.error(str(exc))
+            raise typer.Exit(exc.exit_code) from exc
+        except BrokenPipeError:
+            output.closed_pipe()
+
+
 app = typer.Typer(
+    cls=CbirGroup,
     name="cbir",
     help="Content-based image retrieval: describe, benchmark, index and search images.",
     no_args_is_help=True,

@@ -6,17 +6,11 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
+from cbir.cli import output
 from cbir.cli.commands import app
 from cbir.cli.options import ImageSizeOpt, ModelOpt, QuietOpt
-from cbir.models.backbones import DEFAULT_BACKBONE
-from cbir.train import TrainConfig, TrainDataError, default_checkpoint_dir, load_train_data, train
-from cbir.train.trainer import RADENOVIC_LR_DECAY
-
-console = Console(stderr=False)
-err = Console(stderr=True)
+from cbir.defaults import DEFAULT_BACKBONE, RADENOVIC_LR_DECAY
 
 
 @app.command("train")
@@ -24,6 +18,7 @@ def train_cmd(
     data: Annotated[
         list[Path],
         typer.Argument(
+            metavar="DATA...",
             help="Class folders DATA/<class>/*.jpg (one or more roots), "
             "or one CSV of query,positive,cluster rows."
         ),
@@ -152,68 +147,61 @@ def train_cmd(
     quiet: QuietOpt = False,
 ) -> None:
     """Fine-tune a backbone for retrieval with hard-negative mining (Radenovic et al. 2018)."""
-    try:
-        config = TrainConfig(
-            model=model,
-            pooling=pooling,
-            loss=loss,
-            margin=margin,
-            epochs=epochs,
-            max_tuples=max_tuples,
-            negatives=negatives,
-            pool_size=pool_size,
-            image_size=image_size,
-            batch_size=batch,
-            chunk=chunk,
-            lr=lr,
-            weight_decay=weight_decay,
-            lr_decay=lr_decay,
-            freeze_bn=freeze_bn,
-            freeze=freeze,
-            val_fraction=0.0 if val is not None else val_fraction,
-            stratify=stratify,
-            sampling=sampling,
-            augment=augment,
-            seed=seed,
-            whiten=whiten,
-            whiten_dim=whiten_dim,
-            keep=keep,
-            time_limit=time_limit * 60 if time_limit else None,
-            patience=patience,
-        )
-        train_data = load_train_data(data)
-        val_data = load_train_data([val]) if val is not None else None
-        ckpt = checkpoints or default_checkpoint_dir(out)
-        result = train(
-            config,
-            train_data,
-            val=val_data,
-            out=out,
-            checkpoint_dir=ckpt,
-            resume=resume,
-            progress=not quiet,
-            log=lambda m: err.print(m),
-        )
-    except (TrainDataError, ValueError) as exc:
-        raise typer.BadParameter(str(exc)) from exc
-    table = Table(title=f"fine-tuning {config.model} on {', '.join(map(str, data))}")
-    for col in ("epoch", "loss", "val mAP", "p", "seconds"):
-        table.add_column(col, justify="right")
-    for h in result.history:
-        table.add_row(
+    from cbir import api
+    from cbir.train import default_checkpoint_dir
+
+    config = dict(
+        model=model,
+        pooling=pooling,
+        loss=loss,
+        margin=margin,
+        epochs=epochs,
+        max_tuples=max_tuples,
+        negatives=negatives,
+        pool_size=pool_size,
+        image_size=image_size,
+        batch_size=batch,
+        chunk=chunk,
+        lr=lr,
+        weight_decay=weight_decay,
+        lr_decay=lr_decay,
+        freeze_bn=freeze_bn,
+        freeze=freeze,
+        val_fraction=0.0 if val is not None else val_fraction,
+        stratify=stratify,
+        sampling=sampling,
+        augment=augment,
+        seed=seed,
+        whiten=whiten,
+        whiten_dim=whiten_dim,
+        keep=keep,
+        time_limit=time_limit * 60 if time_limit else None,
+        patience=patience,
+    )
+    ckpt = checkpoints or default_checkpoint_dir(out)
+    result = api.fine_tune(
+        data, out, val=val, resume=resume, checkpoint_dir=ckpt,
+        progress=output.progress_enabled(quiet), log=output.note, **config,
+    )  # fmt: skip
+    rows = [
+        (
             str(h.epoch),
             "-" if h.loss is None else f"{h.loss:.4f}",
             "-" if h.val_map is None else f"{h.val_map:.4f}",
             "-" if h.p is None else f"{h.p:.3f}",
             f"{h.seconds:.0f}",
         )
-    console.print(table)
+        for h in result.history
+    ]
+    columns = ["epoch", "loss", "val mAP", "p", "seconds"]
+    title = f"fine-tuning {model} on {', '.join(map(str, data))}"
+    output.show(output.table(columns, rows, title=title, right=columns))
     w = (
         f", whitened (val mAP {result.whitening_val_map:.4f})"
         if result.whitening_val_map is not None
         else ""
     )
-    console.print(
+    output.write(
         f"kept epoch {result.best_epoch}{w}; {result.seconds / 60:.1f} min -> {out} "
         f"({result.descriptor.describe_name()}); checkpoints in {ckpt}"
     )
