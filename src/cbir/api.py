@@ -197,14 +197,17 @@ def index_stats(db: PathLike = DEFAULT_DB) -> dict[str, Any]:
         return stats
 
 
-def find_duplicates(db: PathLike = DEFAULT_DB, threshold: float | None = None, *, keep: str = "first") -> list[Any]:
+def find_duplicates(db: PathLike = DEFAULT_DB, threshold: float | None = None, *, keep: str = "first",
+                    verify: bool = False) -> list[Any]:  # fmt: skip
     """Near-duplicate groups of an index with the file to keep in each and the files to remove
     (:mod:`cbir.index.duplicates`, :mod:`cbir.index.removal`; docs/duplicates.md). ``threshold``:
-    default the value calibrated for the default model; ``keep``: first, largest or oldest."""
-    from cbir.index.duplicates import DEFAULT_THRESHOLD
+    default the value calibrated for the default model; ``keep``: first, largest or oldest;
+    ``verify``: also group neighbours below the threshold whose local features match (OpenCV)."""
+    from cbir.index.duplicates import DEFAULT_THRESHOLD, Verification
 
     with open_index(db, readonly=True) as idx, user_errors():
-        return idx.duplicate_plan(DEFAULT_THRESHOLD if threshold is None else threshold, keep)
+        return idx.duplicate_plan(DEFAULT_THRESHOLD if threshold is None else threshold, keep,
+                                  verify=Verification() if verify else None)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------

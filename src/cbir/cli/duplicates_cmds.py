@@ -79,6 +79,15 @@ def duplicates_cmd(
         ),
     ] = "table",
     json_out: JsonOpt = False,
+    verify: Annotated[
+        bool,
+        typer.Option(
+            "--verify",
+            help="Also group an image's nearest neighbours below the threshold when their local features "
+            "match under one geometric transformation (SIFT + RANSAC; finds more copies that were cropped, "
+            "shrunk or recompressed; reads the candidate files; needs OpenCV: pip install 'cbir[mine]').",
+        ),
+    ] = False,
 ) -> None:
     """Group near-duplicate images (every member close to the group's first), largest group first,
     and list the files to remove so that one file of each group is kept. Nothing is deleted."""
@@ -90,7 +99,7 @@ def duplicates_cmd(
         raise typer.BadParameter(f"one of {', '.join(KEEP_RULES)}", param_hint="--keep")
     fmt = output.check_format(fmt, json_out)
     threshold = DEFAULT_THRESHOLD if threshold is None else threshold
-    plan = api.find_duplicates(db, threshold, keep=keep)
+    plan = api.find_duplicates(db, threshold, keep=keep, verify=verify)
     if fmt == "json":
         output.emit_json(_payload(plan, threshold, keep))
     elif fmt == "paths":

@@ -131,7 +131,7 @@ def index_cmd(
         dirs, db, model=descriptor, factory=factory, memory_budget=parse_size(memory_budget), dba=dba,
         dba_alpha=dba_alpha, wait=wait, store=store, compact=compact, engine=extraction.engine,
         exclude=exclude if exclude else None, include_hidden=True if include_hidden else None,
-        **extraction.kwargs(engine=False),
+        **extraction.kwargs(engine=False), **extraction.engine_options(),
     )  # fmt: skip
     for f in report.failures:  # each failure once, on stderr; `cbir stats --json` keeps them
         output.warn_failure(f.path, f.reason)

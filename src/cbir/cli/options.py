@@ -50,7 +50,17 @@ CropOpt = Annotated[int | None, typer.Option("--crop", help="Centre-crop size fo
 TokenOpt = Annotated[str, typer.Option("--token", help="ViTs: 'patch' (token map) or 'cls' (class token).")]
 EngineOpt = Annotated[
     str | None,
-    typer.Option("--engine", help="Inference engine: torch or onnx (default: onnx where ONNX Runtime is installed)."),
+    typer.Option(
+        "--engine",
+        help="Inference engine: torch, onnx or onnx-int8 (default: onnx where ONNX Runtime is installed; "
+        "for an existing index, the engine that made its vectors).",
+    ),
+]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto (a GPU where the engine can use one), cpu or cuda.")]
+CalibrateOpt = Annotated[
+    Path | None,
+    typer.Option("--calibrate", help="onnx-int8: calibration images, in no benchmark (default: ../shared/datasets/"
+                 "train-pool where present)."),
 ]
 BatchOpt = Annotated[int, typer.Option("--batch-size", "-b", help="Images per model batch.")]
 WorkersOpt = Annotated[
@@ -141,7 +151,9 @@ class DescriptorOptions:
 class ExtractionOptions:
     """How to run the extraction: engine, batch, decode workers, size limit, progress."""
 
-    engine: str | None = None  # None: the library's default (onnx where installed)
+    engine: str | None = None  # None: the library's default (onnx where installed; an index's own)
+    device: str = "auto"
+    calibrate: Path | None = None
     batch_size: int = 32
     workers: int | None = None
     max_pixels: int = DEFAULT_MAX_PIXELS
@@ -155,9 +167,15 @@ class ExtractionOptions:
             "max_pixels": self.max_pixels,
             "progress": progress_enabled(self.quiet),
         }
-        if engine and self.engine is not None:
-            out["engine"] = self.engine
+        if engine:
+            if self.engine is not None:
+                out["engine"] = self.engine
+            out.update(self.engine_options())
         return out
+
+    def engine_options(self) -> dict[str, Any]:
+        """``device`` and ``calibrate``, for whatever runs the engine."""
+        return {"device": self.device, "calibrate": self.calibrate}
 
 
 _DESCRIPTOR_OPTIONS: dict[str, Any] = {
@@ -173,6 +191,8 @@ _DESCRIPTOR_OPTIONS: dict[str, Any] = {
 }
 _EXTRACTION_OPTIONS: dict[str, Any] = {
     "engine": EngineOpt,
+    "device": DeviceOpt,
+    "calibrate": CalibrateOpt,
     "batch_size": BatchOpt,
     "workers": WorkersOpt,
     "max_pixels": MaxPixelsOpt,
