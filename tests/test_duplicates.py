@@ -10,12 +10,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageDraw
 from typer.testing import CliRunner
 
 from cbir.cli.commands import app
 from cbir.eval import near_duplicates as nd
-from cbir.index.duplicates import PairSearch, group_duplicates
+from cbir.index.duplicates import PairSearch, Verification, group_duplicates
 from cbir.index.removal import FileFacts, plan_removal
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,6 +79,23 @@ def test_small_k_and_blocks_find_the_same_pairs_as_a_full_matrix() -> None:
     assert group_duplicates(x, 0.99999) == [] or all(len(g) > 1 for g in group_duplicates(x, 0.99999))
 
 
+def test_verified_pairs_join_below_threshold_only_when_checked_and_above_the_floor() -> None:
+    x = on_circle([0.0, 20.0, 90.0, 91.0])  # 0-1 at cos 0.94; 2-3 at 0.9998; 0-2 at 0
+    asked: list[tuple[int, int]] = []
+
+    def check(pairs: np.ndarray) -> np.ndarray:
+        asked.extend(map(tuple, pairs.tolist()))
+        return np.ones(len(pairs), bool)
+
+    v = Verification(min_inliers=10, floor=0.5, k=3)
+    groups = group_duplicates(x, 0.99, check=check, verification=v)
+    assert sorted([r for r, _ in g] for g in groups) == [[0, 1], [2, 3]]
+    assert asked == [(0, 1)]  # not the sure pair 2-3, not 0-2 (below the floor)
+    assert group_duplicates(x, 0.99, check=lambda p: np.zeros(len(p), bool), verification=v) == [
+        [(2, 1.0), (3, pytest.approx(float(x[2] @ x[3])))]
+    ]
+
+
 class M:
     def __init__(self, id_: int, path: str, score: float) -> None:
         self.id, self.path, self.score = id_, path, score
@@ -140,6 +157,38 @@ def test_cli_keep_and_paths_output(tmp_path: Path, tiny_file: Path) -> None:
     assert code != 0 and "--keep" in out
     code, out = cli("duplicates", "--db", db, "-t", "1.0", "--format", "paths")
     assert code == 0 and out == ""
+
+
+def scene(seed: int, size: tuple[int, int] = (480, 360)) -> Image.Image:
+    """Random ellipses and rectangles: corners and blobs that local features can match."""
+    rng = random.Random(seed)
+    img = Image.new("RGB", size, (rng.randrange(256),) * 3)
+    draw = ImageDraw.Draw(img)
+    for _ in range(80):
+        x, y = rng.randrange(size[0]), rng.randrange(size[1])
+        box = (x, y, x + rng.randrange(5, 40), y + rng.randrange(5, 40))
+        shape = draw.ellipse if rng.random() < 0.5 else draw.rectangle
+        shape(box, fill=tuple(rng.randrange(256) for _ in range(3)))
+    return img
+
+
+def test_index_verify_groups_a_cropped_copy_below_the_threshold(tmp_path: Path, tiny_file: Path) -> None:
+    """--verify's path: at threshold 1.0 no pair is sure; SIFT + RANSAC joins the cropped,
+    recompressed copy to its original and leaves a different picture out."""
+    pytest.importorskip("cv2")
+    from cbir.index import Index
+
+    root = tmp_path / "photos"
+    root.mkdir()
+    scene(1).save(root / "original.png")
+    scene(1).crop((30, 20, 450, 340)).save(root / "copy.jpg", quality=40)
+    scene(2).save(root / "other.png")
+    with Index.create(tmp_path / "db", model=tiny_file) as idx:
+        idx.sync([root], workers=0, progress=False)
+        assert idx.duplicates(1.0) == []
+        groups = idx.duplicates(1.0, verify=Verification(min_inliers=10, floor=-1.0, k=3))
+    assert len(groups) == 1 and sorted(Path(h.path).name for h in groups[0]) == ["copy.jpg", "original.png"]
+    assert groups[0][1].score < 1.0
 
 
 # -- the pair generator ----------------------------------------------------------------------

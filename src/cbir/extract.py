@@ -45,7 +45,7 @@ from cbir.data.decode import DEFAULT_MAX_PIXELS, DecodeError, image_size, load_i
 from cbir.data.transforms import Preprocess
 from cbir.fileio import atomic_numpy_save, atomic_write_text
 from cbir.models.descriptor import Descriptor
-from cbir.runtime import DEFAULT_ENGINE, Runner, make_runner, usable_cores
+from cbir.runtime import DEFAULT_ENGINE, Runner, for_engine, make_runner, usable_cores
 
 Box = tuple[float, float, float, float]
 
@@ -313,16 +313,23 @@ def iter_extract(
     workers: int | None = None,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     engine: str = DEFAULT_ENGINE,
+    device: str = "auto",
+    calibrate: str | os.PathLike | None = None,
     runner: Runner | None = None,
     boxes: Sequence[Box | None] | None = None,
     progress: bool = True,
     desc: str = "describing",
 ) -> Iterator[Batch]:
-    """Yield :class:`Batch` objects as they are computed (order: planned batches)."""
+    """Yield :class:`Batch` objects as they are computed (order: planned batches).
+
+    ``engine`` (torch, onnx, onnx-int8) and ``device`` (auto, cpu, cuda) choose the
+    runner unless ``runner`` is given; ``calibrate``: the onnx-int8 calibration folder."""
     paths = [os.fspath(p) for p in paths]
     if not paths:
         return
-    run = runner or make_runner(descriptor, engine)
+    if runner is None:
+        descriptor = for_engine(descriptor, engine, calibrate)
+    run = runner or make_runner(descriptor, engine, device=device, calibrate=calibrate)
     bar = _progress(len(paths), desc, progress)
     stream = decoded_batches(
         paths, descriptor.preprocess, batch_size=batch_size, workers=workers,
@@ -360,6 +367,8 @@ def extract(
 ) -> ExtractionResult:
     """Describe every file; rows follow the input order with failed files left out."""
     paths = [os.fspath(p) for p in paths]
+    if kwargs.get("runner") is None:  # the identity recorded must say which numerics made the vectors
+        descriptor = for_engine(descriptor, kwargs.get("engine", DEFAULT_ENGINE), kwargs.get("calibrate"))
     start = time.perf_counter()
     feats = np.zeros((len(paths), descriptor.dim), dtype=np.float32)
     ok = np.zeros(len(paths), dtype=bool)

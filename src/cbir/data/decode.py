@@ -24,14 +24,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from cbir.defaults import DEFAULT_MAX_PIXELS as DEFAULT_MAX_PIXELS  # written once, in cbir.defaults
 from cbir.errors import CbirError
 
 # Pillow's own bomb check is global state and raises from deep inside ``open``; we
 # enforce our own limit on the header's size before any pixel is decoded instead.
 Image.MAX_IMAGE_PIXELS = None
 
-#: Default limit on width*height (about 16k x 6k). Larger files are skipped and reported.
-DEFAULT_MAX_PIXELS = 100_000_000
 #: Default ceiling on the memory one decode may take (the decoded bitmap plus the copies
 #: made while turning it into upright 8-bit RGB), estimated from the header. It admits
 #: every image under the default pixel limit except the few modes whose conversion costs
@@ -53,6 +52,8 @@ TargetSize = Callable[[int, int], tuple[int, int]]
 
 class DecodeError(CbirError):
     """An image that cannot be turned into pixels; carries the path and a human reason."""
+
+    exit_code = 4  # docs/cli.md, "Exit codes"
 
     http_status = 422
     code = "undecodable_image"

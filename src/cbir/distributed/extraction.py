@@ -235,6 +235,10 @@ def _file_list(ray: Any, inputs: Sequence[str | os.PathLike]) -> tuple[Any, str]
 def _onnx_files(descriptor: Descriptor, engine: str) -> tuple[dict[str, bytes] | None, str]:
     """The verified ONNX export (exported here once, if not cached), shipped to the actors;
     None and ``torch`` when the ONNX engine cannot serve this descriptor."""
+    if engine == "onnx-int8":
+        from cbir.runtime import EngineUnavailable
+
+        raise EngineUnavailable("--engine onnx-int8 is not available with --ray yet: use onnx or torch")
     if engine != "onnx":
         return None, "torch"
     from cbir.runtime import EngineUnavailable

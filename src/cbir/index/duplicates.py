@@ -39,6 +39,10 @@ import numpy as np
 # train-pool (never gpr-mini); the figures and the command: docs/benchmarks/2026-12-03-duplicates.md.
 # bench/duplicates_calibration.json records the run this value comes from (a test checks they agree).
 DEFAULT_THRESHOLD = 0.9
+# --verify (:class:`Verification`): calibrated in the same run, recorded in the same file.
+VERIFY_MIN_INLIERS = 10
+VERIFY_FLOOR = 0.5
+VERIFY_K = 5
 
 SearchFn = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]
 """(queries m x d, k) -> (scores m x k, ids m x k), best first; id -1 where there is none."""
@@ -149,6 +153,49 @@ def star_groups(pairs: np.ndarray, scores: np.ndarray) -> list[list[tuple[int, f
     return groups
 
 
+@dataclass(frozen=True)
+class Verification:
+    """Geometric verification settings of ``cbir duplicates --verify`` (calibrated with the
+    threshold, see :data:`DEFAULT_THRESHOLD`): a pair below the threshold still counts when it
+    is among the first image's ``k`` nearest neighbours, its cosine is at least ``floor``,
+    and local features matched between the two files give at least ``min_inliers`` RANSAC
+    inliers (cbir.verify). The threshold alone misses copies that a global descriptor sees
+    as merely similar (a small, recompressed or cropped copy, median cosine ~0.87 on the
+    benchmark) while same-class distinct images reach 0.8 too; geometry tells them apart."""
+
+    min_inliers: int = VERIFY_MIN_INLIERS
+    floor: float = VERIFY_FLOOR
+    k: int = VERIFY_K
+
+
+PairCheck = Callable[[np.ndarray], np.ndarray]
+"""pairs (n x 2 ids) -> boolean mask of the pairs that pass a check (e.g. geometric verification)."""
+
+
+def verified_pairs(
+    blocks: Callable[[], Iterable[tuple[np.ndarray, np.ndarray]]],
+    search: SearchFn,
+    fetch: FetchFn,
+    threshold: float,
+    check: PairCheck,
+    verification: Verification = Verification(),
+    how: PairSearch = PairSearch(),
+) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs at >= ``threshold`` (as :func:`duplicate_pairs`), plus pairs between
+    ``verification.floor`` and the threshold among each image's ``k`` nearest neighbours
+    that pass ``check``. ``blocks`` is called once per pass (the queries are read twice)."""
+    sure, sure_s = duplicate_pairs(blocks(), search, fetch, threshold, how)
+    near = PairSearch(k=verification.k, max_k=verification.k, slack=how.slack, block=how.block)
+    cand, cand_s = duplicate_pairs(blocks(), search, fetch, verification.floor, near)
+    below = cand_s < threshold
+    cand, cand_s = cand[below], cand_s[below]
+    ok = check(cand) if len(cand) else np.zeros(0, bool)
+    pairs = np.concatenate([sure, cand[ok]])
+    scores = np.concatenate([sure_s, cand_s[ok]])
+    order = np.lexsort((pairs[:, 1], pairs[:, 0]))
+    return pairs[order], scores[order]
+
+
 def array_blocks(vectors: np.ndarray, block: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """(row numbers, rows) of an in-memory matrix, ``block`` rows at a time."""
     for start in range(0, len(vectors), block):
@@ -156,10 +203,16 @@ def array_blocks(vectors: np.ndarray, block: int) -> Iterator[tuple[np.ndarray, 
 
 
 def group_duplicates(
-    vectors: np.ndarray, threshold: float = DEFAULT_THRESHOLD, how: PairSearch = PairSearch()
+    vectors: np.ndarray,
+    threshold: float = DEFAULT_THRESHOLD,
+    how: PairSearch = PairSearch(),
+    check: PairCheck | None = None,
+    verification: Verification = Verification(),
 ) -> list[list[tuple[int, float]]]:
     """Star groups of the rows of an in-memory matrix of L2-normalised descriptors
-    (exact search on a flat inner-product index): [(row, similarity to the centre)]."""
+    (exact search on a flat inner-product index): [(row, similarity to the centre)].
+    With ``check`` (pairs of rows -> mask), pairs below the threshold may join as in
+    :func:`verified_pairs`."""
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     if len(vectors) < 2:
         return []
@@ -173,5 +226,10 @@ def group_duplicates(
     def fetch(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return ids, vectors[ids]
 
-    pairs, scores = duplicate_pairs(array_blocks(vectors, how.block), search, fetch, threshold, how)
+    if check is None:
+        pairs, scores = duplicate_pairs(array_blocks(vectors, how.block), search, fetch, threshold, how)
+    else:
+        pairs, scores = verified_pairs(
+            lambda: array_blocks(vectors, how.block), search, fetch, threshold, check, verification, how
+        )
     return star_groups(pairs, scores)

@@ -11,22 +11,32 @@ catalogue's generation (after a crash, or damage found by its checksums).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from PIL import Image
 
 from cbir.data.decode import DEFAULT_MAX_PIXELS
 from cbir.index import folder as fl
 from cbir.index import opening
 from cbir.index.catalog import Catalog, ImageRecord
-from cbir.index.duplicates import DEFAULT_THRESHOLD, PairSearch, duplicate_pairs, star_groups
-from cbir.index.errors import CbirIndexError, IndexBusyError
+from cbir.index.duplicates import (
+    DEFAULT_THRESHOLD,
+    PairCheck,
+    PairSearch,
+    Verification,
+    duplicate_pairs,
+    star_groups,
+    verified_pairs,
+)
+from cbir.index.errors import CbirIndexError, DescriptorMismatchError, IndexBusyError
 from cbir.index.locks import BusyError, FileLock, ReadWriteLock
 from cbir.index.query import Query, QueryResolver
 from cbir.index.removal import KEEP_RULES, DuplicateGroup, FileFacts, pixel_count, plan_removal
@@ -37,7 +47,7 @@ from cbir.index.sync import FileStat, under, walk
 from cbir.index.writer import IndexWriter, RunOptions, SyncReport, timed
 from cbir.models.descriptor import Descriptor
 from cbir.postprocess import alpha_qe
-from cbir.runtime import DEFAULT_ENGINE
+from cbir.runtime import DEFAULT_ENGINE, EngineMismatch, engine_for, for_engine
 
 
 @dataclass
@@ -57,7 +67,8 @@ class Index:
     """
 
     def __init__(
-        self, layout: fl.Layout, catalog: Catalog, descriptor: Descriptor, *, readonly: bool, engine: str, wait: float
+        self, layout: fl.Layout, catalog: Catalog, descriptor: Descriptor, *, readonly: bool, engine: str, wait: float,
+        engine_options: dict[str, Any] | None = None,
     ) -> None:
         self.layout = layout
         self.folder = layout.folder
@@ -65,6 +76,8 @@ class Index:
         self.descriptor = descriptor
         self.readonly = readonly
         self.engine = engine
+        #: ``device`` and ``calibrate`` for the engine's runner (see cbir.runtime.make_runner)
+        self.engine_options: dict[str, Any] = dict(engine_options or {})
         self.dim = int(descriptor.dim)
         self.settings = IndexSettings(catalog, self.dim)
         self._wait = wait
@@ -73,7 +86,7 @@ class Index:
         self._flock = FileLock(layout.lock)
         self._closed = False
         self._detached = False  # the store was repaired in memory only (another writer held the lock)
-        self._queries = QueryResolver(catalog, descriptor, engine)
+        self._queries = QueryResolver(catalog, descriptor, engine, self.engine_options)
         self._writes = IndexWriter(self)
         self.store: VectorStore = self._make_store()
 
@@ -88,10 +101,12 @@ class Index:
         memory_budget: int | None = None,
         dba: int | None = None,
         dba_alpha: float | None = None,
-        engine: str = DEFAULT_ENGINE,
+        engine: str | None = None,
         wait: float = 0.0,
         exist_ok: bool = False,
         store: str | None = None,
+        device: str = "auto",
+        calibrate: str | os.PathLike | None = None,
     ) -> Index:
         """Create an index in ``path`` (a new or empty folder): ``model`` (backbone name,
         descriptor file or :class:`Descriptor`; default: the default descriptor) is saved
@@ -103,14 +118,15 @@ class Index:
         folder) or a registered vector database's setting such as ``milvus:URI`` (see
         :mod:`cbir.index.stores.registry` and :mod:`cbir.index.stores.milvus`)."""
         layout = fl.Layout(Path(path))
-        descriptor = resolve_descriptor(model)
+        # the identity records the engine's numerics: an int8 index never takes fp32 vectors
+        descriptor = for_engine(resolve_descriptor(model), engine or DEFAULT_ENGINE, calibrate)
         meta = IndexSettings.initial(descriptor, factory, memory_budget, dba, dba_alpha,
                                      store=_store_setting(store, layout.folder))  # fmt: skip
         new = opening.create_folder(layout, descriptor, meta, wait=wait, exist_ok=exist_ok)
         return cls.open(path, model=None if new else model, factory=None if new else factory,
                         memory_budget=None if new else memory_budget, dba=None if new else dba,
                         dba_alpha=None if new else dba_alpha, engine=engine, wait=wait,
-                        store=None if new else store)  # fmt: skip
+                        store=None if new else store, device=device, calibrate=calibrate)  # fmt: skip
 
     @classmethod
     def open(
@@ -124,9 +140,11 @@ class Index:
         readonly: bool = False,
         dba: int | None = None,
         dba_alpha: float | None = None,
-        engine: str = DEFAULT_ENGINE,
+        engine: str | None = None,
         wait: float = 0.0,
         store: str | None = None,
+        device: str = "auto",
+        calibrate: str | os.PathLike | None = None,
     ) -> Index:
         """Open the index in ``path``; with ``create=True`` create it if the folder has none
         (see :meth:`create`). ``model`` is checked against the stored descriptor
@@ -137,10 +155,19 @@ class Index:
         layout = fl.Layout(Path(path))
         if create and not readonly and layout.state() in ("absent", "interrupted"):
             return cls.create(path, model=model, factory=factory, memory_budget=memory_budget, dba=dba,
-                              dba_alpha=dba_alpha, engine=engine, wait=wait, exist_ok=True, store=store)  # fmt: skip
+                              dba_alpha=dba_alpha, engine=engine, wait=wait, exist_ok=True, store=store,
+                              device=device, calibrate=calibrate)  # fmt: skip
+        if model is not None:  # compared with the stored descriptor as the engine would make it
+            model = for_engine(resolve_descriptor(model), engine or DEFAULT_ENGINE, calibrate)
         catalog, descriptor = opening.open_catalog(layout, model, readonly=readonly, wait=wait)
         try:
-            index = cls(layout, catalog, descriptor, readonly=readonly, engine=engine, wait=wait)
+            try:
+                engine = engine_for(descriptor, engine)  # None: the engine that made the vectors
+            except EngineMismatch as exc:
+                raise DescriptorMismatchError(f"the index in {layout.folder}: {exc}") from exc
+            options = {"device": device, "calibrate": calibrate}
+            index = cls(layout, catalog, descriptor, readonly=readonly, engine=engine, wait=wait,
+                        engine_options=options)
             changes = index.settings.changes(factory, memory_budget, dba, dba_alpha, store, layout.folder)
             if changes:
                 if readonly:
@@ -242,20 +269,39 @@ class Index:
         batch_size: int = 32,
         workers: int | None = None,
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
+        exclude: Sequence[str] | None = None,
+        include_hidden: bool | None = None,
     ) -> SyncReport:
         """Make the index mirror the image files under ``dirs``: describe new and changed
         files, drop deleted ones, follow moved/renamed ones by content hash. Files whose
-        size and mtime are unchanged are not opened."""
+        size and mtime are unchanged are not opened.
+
+        ``exclude`` (glob patterns) and ``include_hidden`` choose which files are walked (see
+        :func:`cbir.data.datasets.list_images`). They are recorded in the catalogue, and a later
+        sync that gives neither walks by the recorded rule: otherwise a plain re-run would
+        index, then a run with the rule drop, the same files over and over."""
         roots = [os.path.abspath(os.fspath(d)) for d in ([dirs] if isinstance(dirs, (str, os.PathLike)) else dirs)]
         for r in roots:
             if not os.path.isdir(r):
                 raise CbirIndexError(f"no such folder: {r}")
         start = time.perf_counter()
         with self.writer(self._wait):
+            rule = self._walk_rule(exclude, include_hidden)
             with self.catalog.transaction() as tx:
                 tx.add_roots(roots)
-            report = self._writes.run(walk(roots), roots, RunOptions(progress, batch_size, workers, max_pixels))
+                tx.set_meta({"walk_exclude": json.dumps(rule[0]), "walk_include_hidden": str(int(rule[1]))})
+            files = walk(roots, exclude=rule[0], include_hidden=rule[1])
+            report = self._writes.run(files, roots, RunOptions(progress, batch_size, workers, max_pixels))
         return timed(report, start)
+
+    def _walk_rule(self, exclude: Sequence[str] | None, include_hidden: bool | None) -> tuple[list[str], bool]:
+        """The folder-walk rule to use: the one given, else the one recorded by the last sync."""
+        recorded_exclude = json.loads(self.catalog.get_meta("walk_exclude") or "[]")
+        recorded_hidden = (self.catalog.get_meta("walk_include_hidden") or "0") == "1"
+        return (
+            list(exclude) if exclude is not None else recorded_exclude,
+            include_hidden if include_hidden is not None else recorded_hidden,
+        )
 
     def add(
         self,
@@ -271,7 +317,8 @@ class Index:
         for p in [paths] if isinstance(paths, (str, os.PathLike)) else paths:
             ap = os.path.abspath(os.fspath(p))
             if os.path.isdir(ap):
-                files.update((f.path, f) for f in walk([ap]))
+                exclude, hidden = self._walk_rule(None, None)
+                files.update((f.path, f) for f in walk([ap], exclude=exclude, include_hidden=hidden))
             elif os.path.isfile(ap):
                 files[ap] = FileStat.of(ap)
             else:
@@ -431,11 +478,19 @@ class Index:
         scores, ids = self.store.search(q[None], max(1, depth), params)
         return [(int(i), float(s)) for i, s in zip(ids[0], scores[0], strict=True) if i >= 0]
 
-    def duplicates(self, threshold: float = DEFAULT_THRESHOLD, how: PairSearch = PairSearch()) -> list[list[Hit]]:
+    def duplicates(
+        self,
+        threshold: float = DEFAULT_THRESHOLD,
+        how: PairSearch = PairSearch(),
+        verify: Verification | None = None,
+    ) -> list[list[Hit]]:
         """Star groups of near-duplicate images, largest first: every member's raw-descriptor
         cosine to the group's first member (its centre, score 1.0) is >= ``threshold``; the
         others follow by similarity. Pairs come from this index's kNN search in blocks (no
-        n x n matrix); see :mod:`cbir.index.duplicates` for how groups and centres are chosen."""
+        n x n matrix); see :mod:`cbir.index.duplicates` for how groups and centres are chosen.
+        ``verify`` also admits pairs below the threshold that pass geometric verification
+        (:class:`cbir.index.duplicates.Verification`; needs OpenCV, the ``mine`` extra): those
+        members' scores are then below ``threshold``."""
         if not -1.0 <= threshold <= 1.0:
             raise CbirIndexError("threshold is a cosine similarity: between -1 and 1 (e.g. 0.95)")
         with self._rw.read():
@@ -457,7 +512,11 @@ class Index:
             with self._rw.read():
                 return self.catalog.vectors(want.tolist(), dim=self.dim)
 
-        pairs, scores = duplicate_pairs(blocks(), search, fetch, threshold, how)
+        if verify is None:
+            pairs, scores = duplicate_pairs(blocks(), search, fetch, threshold, how)
+        else:
+            check = self._geometric_check(verify)
+            pairs, scores = verified_pairs(blocks, search, fetch, threshold, check, verify, how)
         groups = star_groups(pairs, scores)
         with self._rw.read():
             paths = self.catalog.paths_for([i for g in groups for i, _ in g])
@@ -470,14 +529,38 @@ class Index:
                 out.append(hits)
         return out
 
+    def _geometric_check(self, verify: Verification) -> PairCheck:
+        """Pairs of ids -> which pass cbir.verify's local-feature RANSAC test (a file that
+        cannot be read, or is gone, does not pass)."""
+        from cbir.verify import GeometricVerifier, VerifyError
+
+        verifier = GeometricVerifier(min_inliers=verify.min_inliers)
+
+        def check(pairs: Any) -> Any:
+            with self._rw.read():
+                paths = self.catalog.paths_for(pairs.ravel().tolist())
+            ok = []
+            for a, b in pairs.tolist():
+                try:
+                    ok.append(a in paths and b in paths and verifier.verify(paths[a], paths[b]).verified)
+                except VerifyError:
+                    ok.append(False)
+            return np.array(ok, dtype=bool)
+
+        return check
+
     def duplicate_plan(
-        self, threshold: float = DEFAULT_THRESHOLD, keep: str = "first", how: PairSearch = PairSearch()
+        self,
+        threshold: float = DEFAULT_THRESHOLD,
+        keep: str = "first",
+        how: PairSearch = PairSearch(),
+        verify: Verification | None = None,
     ) -> list[DuplicateGroup]:
         """:meth:`duplicates` with the member to keep in each group chosen by ``keep``
         (``first``, ``largest``, ``oldest``: :mod:`cbir.index.removal`) and the rest to remove."""
         if keep not in KEEP_RULES:
             raise CbirIndexError(f"unknown keep rule {keep!r}: one of {', '.join(KEEP_RULES)}")
-        groups = self.duplicates(threshold, how)
+        groups = self.duplicates(threshold, how, verify)
         cache: dict[int, FileFacts] = {}
 
         def facts(m: Hit) -> FileFacts:

@@ -259,7 +259,7 @@ def cache_key(descriptor: Descriptor) -> str:
     kind = graph_kind(descriptor)
     versions = f"{EXPORT_VERSION}/{OPSET}/{torch.__version__}/{kind}"
     tag = hashlib.sha256(versions.encode()).hexdigest()[:8]
-    return f"{descriptor.identity()}-{kind}-{tag}"
+    return f"{descriptor.base_identity()}-{kind}-{tag}"
 
 
 @dataclass
