@@ -21,13 +21,17 @@ Methods, all on the same pairs in the same run:
   Hamming distance <= d", at imagededup's default d = 10 and at the d calibrated for the
   target precision.
 
-Equal precision: for every hash operating point, cbir's threshold is the lowest one whose
-precision on the calibration split reaches that hash's calibration precision; both are
-then reported on the held-out splits.
+Calibrated on the calibration split only: cbir's default threshold (the lowest cosine with
+precision >= --target-precision); for --verify, the fewest inliers that keep that precision
+(from MIN_INLIERS_GRID), the cosine floor (the lowest cosine of a calibration duplicate it
+admits, rounded down to 0.05) and k, the neighbours verified per image (from K_GRID, by the
+recall of the groups). Equal precision: for every hash operating point, cbir's threshold
+(and for cbir + verify, threshold and inliers) with the most calibration recall at that
+hash's calibration precision; both are then reported on the held-out splits.
 
 Usage (from the project root; the images it makes go to --work):
-    flock /work/coord/bench.lock nice -n 19 .venv/bin/python bench/duplicates.py \\
-        [--pairs 300] [--target-precision 0.95] [--write-calibration]
+    nice -n 19 .venv/bin/python bench/duplicates.py [--pairs 400] [--target-precision 0.95] [--write-calibration]
+    .venv/bin/python bench/duplicates.py --render bench/results/duplicates.json   # the markdown tables again
 """
 
 from __future__ import annotations
