@@ -24,9 +24,8 @@ import torch
 from torch import nn
 
 from cbir.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Preprocess
+from cbir.defaults import DEFAULT_BACKBONE as DEFAULT_BACKBONE  # written once, in cbir.defaults
 from cbir.errors import CbirError
-
-DEFAULT_BACKBONE = "efficientnet-lite0"
 
 # The TF EfficientNet-Lite checkpoints were trained on inputs scaled to [-1, 1] (mean 127,
 # std 128 on 0..255), but for retrieval the ImageNet statistics describe better: on gpr-mini,
@@ -38,6 +37,8 @@ _LITE_SIZES = {"efficientnet-lite0": 224, "efficientnet-lite1": 240, "efficientn
 
 class BackboneError(CbirError, RuntimeError):
     """A backbone that cannot be built (unknown name, weights unreachable, bad file)."""
+
+    exit_code = 2  # docs/cli.md, "Exit codes"
 
 
 @dataclass

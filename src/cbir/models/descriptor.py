@@ -22,6 +22,7 @@ from PIL import Image
 from torch import nn
 
 from cbir.data.transforms import Preprocess
+from cbir.defaults import RADENOVIC_SCALES as RADENOVIC_SCALES  # written once, in cbir.defaults
 from cbir.fileio import atomic_torch_save
 from cbir.models.backbones import DEFAULT_BACKBONE, Backbone, BackboneSpec, build_backbone
 from cbir.models.pooling import GeM, Pooling, RGeM, build_pooling, l2n, multiscale_combine
@@ -32,8 +33,6 @@ FILE_VERSION = 1
 #: File suffix used for descriptor files by convention (any name works).
 SUFFIX = ".cbir"
 
-#: Multi-scale set of Radenovic et al. 2018.
-RADENOVIC_SCALES = (1.0, 2**-0.5, 0.5)
 
 
 class Descriptor(nn.Module):

@@ -18,7 +18,6 @@ command that takes ``--model`` uses it.
 
 from __future__ import annotations
 
-import math
 import os
 import random
 import time
@@ -32,6 +31,7 @@ import torch
 from torch import nn
 
 from cbir.allocator import tune_allocator
+from cbir.defaults import RADENOVIC_LR_DECAY as RADENOVIC_LR_DECAY  # written once, in cbir.defaults
 from cbir.eval.gpr1200 import evaluate_labelled
 from cbir.fileio import atomic_torch_save
 from cbir.models.backbones import DEFAULT_BACKBONE
@@ -49,8 +49,6 @@ CHECKPOINT_FORMAT = "cbir-train-checkpoint"
 CHECKPOINT_VERSION = 1
 #: Training images whose regions initialise R-MAC's region whitening (PCA; Gordo et al. 2017).
 REGION_WHITENING_IMAGES = 200
-#: Per-epoch learning-rate decay of Radenovic et al. (cirtorch's ``exp(-0.01)``).
-RADENOVIC_LR_DECAY = math.exp(-0.01)
 
 
 @dataclass
