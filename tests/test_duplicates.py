@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from cbir.cli.commands import app
 from cbir.eval import near_duplicates as nd
-from cbir.index.duplicates import PairSearch, Verification, group_duplicates
+from cbir.index.duplicates import DEFAULT_THRESHOLD, PairSearch, Verification, group_duplicates
 from cbir.index.removal import FileFacts, plan_removal
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -189,6 +189,20 @@ def test_index_verify_groups_a_cropped_copy_below_the_threshold(tmp_path: Path, 
         groups = idx.duplicates(1.0, verify=Verification(min_inliers=10, floor=-1.0, k=3))
     assert len(groups) == 1 and sorted(Path(h.path).name for h in groups[0]) == ["copy.jpg", "original.png"]
     assert groups[0][1].score < 1.0
+
+
+def test_default_threshold_and_verification_are_the_calibrated_ones() -> None:
+    """The defaults in cbir.index.duplicates are the ones bench/duplicates.py chose on train-pool
+    (never on gpr-mini) and recorded in bench/duplicates_calibration.json."""
+    record = json.loads((ROOT / "bench" / "duplicates_calibration.json").read_text())
+    assert record["calibration_split"].startswith("train-pool")
+    assert DEFAULT_THRESHOLD == pytest.approx(record["default_threshold"], abs=5e-5)
+    v = Verification()
+    assert (v.min_inliers, v.floor, v.k) == (
+        record["verification"]["min_inliers"],
+        pytest.approx(record["verification"]["floor"]),
+        record["verification"]["k"],
+    )
 
 
 # -- the pair generator ----------------------------------------------------------------------

@@ -13,6 +13,8 @@ so ``import cbir`` and ``cbir --help`` do not import torch, FAISS or ONNX Runtim
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import Any
 
 from cbir.errors import CbirError, InputError, UsageError
@@ -44,6 +46,21 @@ _LAZY = {
     "Whitening": "cbir.models",
     "TrainConfig": "cbir.train",
 }
+
+
+class _Package(types.ModuleType):
+    """``cbir.extract`` is both a submodule and the facade's function. Python binds a submodule
+    to its package's attribute when the submodule is imported, which would replace the function
+    by the module; the package refuses that rebinding for the facade's names (the module stays
+    importable as ``cbir.extract`` through ``sys.modules``, as ``from cbir.extract import ...``)."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if isinstance(value, types.ModuleType) and _LAZY.get(name) == "cbir.api":
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 def __getattr__(name: str) -> Any:

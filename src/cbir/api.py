@@ -132,12 +132,10 @@ def open_index(path: PathLike = DEFAULT_DB, *, readonly: bool = False, **options
         return Index.open(path, readonly=readonly, **options)
 
 
-def check_folders(dirs: Sequence[PathLike]) -> list[str]:
+def check_folders(dirs: Sequence[PathLike], *, include_hidden: bool = False) -> list[str]:
     """Absolute folder paths, or an :class:`InputError` that says what is wrong with one:
-    missing, a file (with the folder to give instead), or holding no image at all."""
-    from cbir.data.datasets import is_skipped_name
-    from cbir.data.decode import is_image_path
-
+    missing, a file (with the folder to give instead), or holding no image at all (hidden
+    folders, which a walk skips, do not count unless ``include_hidden``)."""
     out = []
     for d in dirs:
         if os.path.isfile(d):
@@ -145,14 +143,23 @@ def check_folders(dirs: Sequence[PathLike]) -> list[str]:
             raise InputError(f"{d} is a file, not a folder: give the folder that holds it ({holder})")
         if not os.path.isdir(d):
             raise InputError(f"no such folder: {d}")
-        has_image = any(
-            is_image_path(name) and not is_skipped_name(name)
-            for _, _, files in os.walk(d) for name in files
-        )  # fmt: skip
-        if not has_image:
+        if not _has_image(d, include_hidden):
             raise InputError(f"no images in {d} (formats: {_formats()})")
         out.append(os.path.abspath(d))
     return out
+
+
+def _has_image(folder: PathLike, include_hidden: bool) -> bool:
+    """Whether a walk of ``folder`` finds an image file; stops at the first one."""
+    from cbir.data.datasets import is_skipped_name
+    from cbir.data.decode import is_image_path
+
+    for _, dirnames, files in os.walk(folder):
+        if not include_hidden:
+            dirnames[:] = [d for d in dirnames if not is_skipped_name(d)]
+        if any(is_image_path(name) and (include_hidden or not name.startswith(".")) for name in files):
+            return True
+    return False
 
 
 def index_folders(dirs: Sequence[PathLike], db: PathLike = DEFAULT_DB, *, model: Any = None,
@@ -166,7 +173,7 @@ def index_folders(dirs: Sequence[PathLike], db: PathLike = DEFAULT_DB, *, model:
     from cbir.defaults import DEFAULT_MAX_PIXELS
     from cbir.index import Index
 
-    roots = check_folders(dirs)
+    roots = check_folders(dirs, include_hidden=bool(include_hidden))
     engine_kw = {"engine": engine} if engine else {}
     run = {"progress": progress, "batch_size": batch_size, "workers": workers,
            "max_pixels": DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels}  # fmt: skip

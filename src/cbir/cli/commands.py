@@ -7,6 +7,7 @@ help and the option parsing stay fast (tests/test_cli_conventions.py checks what
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any
 
 import click
@@ -25,7 +26,11 @@ def _plain_help() -> None:
     def option_display(self: Any, ctx: Any) -> str | None:
         if self.is_flag or self.count:
             return None
-        return self.metavar or option_type(self, ctx)
+        if self.metavar:
+            return self.metavar
+        label = option_type(self, ctx)
+        many = re.fullmatch(r"<list\[(\w+)\]>", label or "")
+        return f"<{many.group(1).lower()}>..." if many else label
 
     def argument_display(self: Any, ctx: Any) -> str | None:
         return None

@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from cbir.cli.options import ExtractionOptions
-from cbir.errors import CbirError
+from cbir.cli.output import progress_enabled
 from cbir.models.descriptor import Descriptor
 
 console = Console(stderr=False)
@@ -53,16 +53,14 @@ def extract_on_ray(
     if out.suffix == ".npy":
         raise typer.BadParameter("with --ray, --out is a folder (of Parquet shards), not a .npy file")
     from cbir.distributed.extraction import extract_with_ray
+    from cbir.runtime import DEFAULT_ENGINE
 
-    try:
-        report = extract_with_ray(
-            inputs, out, descriptor, address=address, workers=extraction.workers,
-            cpus_per_worker=cpus_per_worker, batch_size=extraction.batch_size, block_rows=block_rows,
-            engine=extraction.kwargs()["engine"], max_pixels=extraction.max_pixels, progress=not extraction.quiet,
-        )  # fmt: skip
-    except CbirError as exc:
-        err.print(f"[red]error:[/] {escape(str(exc))}")  # escaped: "cbir[distributed]" is no style
-        raise typer.Exit(exc.exit_code) from exc
+    report = extract_with_ray(
+        inputs, out, descriptor, address=address, workers=extraction.workers,
+        cpus_per_worker=cpus_per_worker, batch_size=extraction.batch_size, block_rows=block_rows,
+        engine=extraction.engine or DEFAULT_ENGINE, max_pixels=extraction.max_pixels,
+        progress=progress_enabled(extraction.quiet),
+    )  # fmt: skip
     console.print(
         f"{report.described} images described, {report.failed} failed in this run "
         f"({report.workers} Ray workers, {report.engine}, {report.images_per_second:.1f} images/s); "

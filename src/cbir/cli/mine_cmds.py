@@ -20,7 +20,7 @@ from cbir.cli.mining import (
     report_text,
     run_mining,
 )
-from cbir.errors import CbirError
+from cbir.cli.output import progress_enabled
 
 
 @app.command("mine")
@@ -38,19 +38,9 @@ def mine_cmd(
 ) -> None:
     """Find matching pairs without labels: k-NN candidates verified by RANSAC; clusters =
     connected groups (Radenovic et al. 2018). Writes OUT and OUT.json (the report)."""
-    try:
-        report = run_mining(
-            folder,
-            out,
-            model=model,
-            verify=verify,
-            geometry=geometry,
-            min_inliers=min_inliers,
-            neighbours=neighbours,
-            progress=not quiet,
-        )
-    except CbirError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(exc.exit_code) from exc
+    report = run_mining(
+        folder, out, model=model, verify=verify, geometry=geometry, min_inliers=min_inliers,
+        neighbours=neighbours, progress=progress_enabled(quiet),
+    )  # fmt: skip  (a CbirError is reported by the CLI's group, once)
     typer.echo(report_text(report))
     typer.echo(f"-> {out} (train on it: cbir train {out} --out model.cbir); report {out.with_suffix('.json')}")

@@ -38,10 +38,10 @@ import numpy as np
 # descriptor (efficientnet-lite0, GeM). Calibrated by bench/duplicates.py on pairs made from
 # train-pool (never gpr-mini); the figures and the command: docs/benchmarks/2026-12-03-duplicates.md.
 # bench/duplicates_calibration.json records the run this value comes from (a test checks they agree).
-DEFAULT_THRESHOLD = 0.9
+DEFAULT_THRESHOLD = 0.8778
 # --verify (:class:`Verification`): calibrated in the same run, recorded in the same file.
 VERIFY_MIN_INLIERS = 10
-VERIFY_FLOOR = 0.5
+VERIFY_FLOOR = 0.4
 VERIFY_K = 5
 
 SearchFn = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]
