@@ -79,6 +79,26 @@ def test_small_k_and_blocks_find_the_same_pairs_as_a_full_matrix() -> None:
     assert group_duplicates(x, 0.99999) == [] or all(len(g) > 1 for g in group_duplicates(x, 0.99999))
 
 
+def test_a_pair_returned_from_one_side_only_is_kept() -> None:
+    """An approximate index may return b for query a but not a for query b (or the reverse):
+    the pair counts either way, once."""
+    from cbir.index.duplicates import array_blocks, duplicate_pairs
+
+    x = on_circle([0.0, 1.0, 2.0, 90.0])
+
+    def only_lower(q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        s = q @ x.T
+        qid = [int(np.argmax(s[r])) for r in range(len(q))]  # the query's own row
+        for r, i in enumerate(qid):
+            s[r, i + 1 :] = -np.inf  # query i sees rows <= i only
+        order = np.argsort(-s, axis=1)[:, :k]
+        scores = np.take_along_axis(s, order, 1)
+        return scores, np.where(np.isfinite(scores), order, -1)
+
+    pairs, scores = duplicate_pairs(array_blocks(x, 2), only_lower, lambda ids: (ids, x[ids]), 0.999)
+    assert pairs.tolist() == [[0, 1], [0, 2], [1, 2]] and len(scores) == 3
+
+
 def test_verified_pairs_join_below_threshold_only_when_checked_and_above_the_floor() -> None:
     x = on_circle([0.0, 20.0, 90.0, 91.0])  # 0-1 at cos 0.94; 2-3 at 0.9998; 0-2 at 0
     asked: list[tuple[int, int]] = []

@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 
+from cbir.cli import output
 from cbir.cli.commands import app
 from cbir.cli.mining import (
     NEIGHBOURS,
@@ -35,6 +36,7 @@ def mine_cmd(
     neighbours: NeighboursOpt = NEIGHBOURS,
     model: MineModelOpt = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")] = False,
 ) -> None:
     """Find matching pairs without labels: k-NN candidates verified by RANSAC; clusters =
     connected groups (Radenovic et al. 2018). Writes OUT and OUT.json (the report)."""
@@ -42,5 +44,8 @@ def mine_cmd(
         folder, out, model=model, verify=verify, geometry=geometry, min_inliers=min_inliers,
         neighbours=neighbours, progress=progress_enabled(quiet),
     )  # fmt: skip  (a CbirError is reported by the CLI's group, once)
+    if json_out:
+        output.emit_json(report)
+        return
     typer.echo(report_text(report))
     typer.echo(f"-> {out} (train on it: cbir train {out} --out model.cbir); report {out.with_suffix('.json')}")

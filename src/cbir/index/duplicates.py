@@ -83,7 +83,7 @@ def duplicate_pairs(
         cand = _candidates(np.ascontiguousarray(vectors, np.float32), search, floor, how)
         qrow = np.repeat(np.arange(len(ids)), [len(c) for c in cand])
         other = np.concatenate(cand) if cand else np.zeros(0, np.int64)
-        keep = other > ids[qrow]  # each pair once, from its lower id; drops the query itself
+        keep = other != ids[qrow]  # not the query itself; a pair found from both sides is merged below
         qrow, other = qrow[keep], other[keep]
         if not len(other):
             continue
@@ -95,14 +95,15 @@ def duplicate_pairs(
         qrow, other, at = qrow[present], other[present], at[present]
         sims = np.einsum("ij,ij->i", vectors[qrow].astype(np.float32), raw[at].astype(np.float32))
         hit = sims >= threshold
-        pairs.append(np.stack([ids[qrow][hit], other[hit]], axis=1))
+        a, b = ids[qrow][hit], other[hit]  # an approximate index may return a pair from one side only
+        pairs.append(np.stack([np.minimum(a, b), np.maximum(a, b)], axis=1))
         scores.append(sims[hit])
     if not pairs:
         return np.zeros((0, 2), np.int64), np.zeros(0, np.float32)
     p, s = np.concatenate(pairs).astype(np.int64), np.concatenate(scores).astype(np.float32)
     order = np.lexsort((p[:, 1], p[:, 0]))
     p, s = p[order], s[order]
-    first = np.ones(len(p), bool)  # a pair found from both sides (approximate stores) once
+    first = np.ones(len(p), bool)  # a pair found from both sides once
     first[1:] = np.any(p[1:] != p[:-1], axis=1)
     return p[first], s[first]
 
