@@ -11,6 +11,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import make_image
@@ -316,3 +317,21 @@ def test_heic_and_avif_are_decoded_and_listed(tmp_path: Path, fmt: str, suffix: 
     assert img.size == (60, 40) and img.mode == "RGB"
     r, g, b = img.getpixel((5, 20))
     assert r > 180 and g < 80 and b < 80
+
+
+def test_every_command_takes_json_as_a_flag() -> None:
+    """`--json` means the same everywhere: a flag that prints JSON on stdout (files: --out)."""
+    import typer.main
+
+    def leaves(cmd: Any, path: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], Any]]:
+        if hasattr(cmd, "commands"):  # a group (typer's own click types)
+            return [leaf for name, sub in cmd.commands.items() for leaf in leaves(sub, (*path, name))]
+        return [(path, cmd)]
+
+    commands = leaves(typer.main.get_command(app))
+    assert len(commands) >= 12
+    for path, cmd in commands:
+        if path == ("serve",):  # a server prints no result
+            continue
+        flags = [p for p in cmd.params if "--json" in getattr(p, "opts", [])]
+        assert flags and flags[0].is_flag, path

@@ -103,6 +103,7 @@ def whiten_cmd(
     power: Annotated[
         float, typer.Option("--power", help="PCA eigenvalue power: 1 whitens fully, 0 only rotates.")
     ] = 1.0,
+    json_out: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")] = False,
     *,
     describe: DescriptorOptions,
     extraction: ExtractionOptions,
@@ -113,6 +114,9 @@ def whiten_cmd(
     desc = describe.build()
     w = api.whitening(data, desc, kind=kind, dim=dim, power=power, **extraction.kwargs())
     w.save(str(out))
+    if json_out:
+        output.emit_json({"kind": kind, "in_dim": w.in_dim, "out_dim": w.out_dim, "data": str(data), "out": str(out)})
+        return
     output.write(f"{kind} whitening {w.in_dim} -> {w.out_dim} learned on {data} -> {out}")
 
 

@@ -144,6 +144,7 @@ def rmac_whiten_cmd(
         int | None, typer.Option("--max-images", help="Learn on a seeded random subset.")
     ] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the subset.")] = 0,
+    json_out: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")] = False,
     *,
     describe: DescriptorOptions,
     extraction: ExtractionOptions,
@@ -164,6 +165,10 @@ def rmac_whiten_cmd(
             engine="torch", **extraction.kwargs(engine=False),
         )  # fmt: skip
     desc.save(out)
+    if json_out:
+        output.emit_json({"in_dim": w.in_dim, "out_dim": w.out_dim, "regions": w.meta["regions"],
+                          "images": w.meta["images"], "out": str(out), "descriptor": desc.describe_name()})  # fmt: skip
+        return
     output.write(
         f"region whitening {w.in_dim} -> {w.out_dim} learned on {w.meta['regions']} regions of "
         f"{w.meta['images']} images -> {out} ({desc.describe_name()})"

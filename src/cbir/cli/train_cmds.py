@@ -7,6 +7,7 @@ the command, so ``cbir --help`` does not load it.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Annotated
 
@@ -15,7 +16,7 @@ from rich.table import Table
 
 from cbir.cli import output
 from cbir.cli.commands import app
-from cbir.cli.mine_cmds import GeometryOpt, MinInliersOpt, NeighboursOpt, VerifyOpt, report_text, run_mining
+from cbir.cli.mining import NEIGHBOURS, GeometryOpt, MinInliersOpt, NeighboursOpt, VerifyOpt, report_text, run_mining
 from cbir.cli.options import QuietOpt
 
 RECIPE_HELP = (
@@ -53,7 +54,7 @@ def train_cmd(
     verify: VerifyOpt = "sift",
     geometry: GeometryOpt = "homography",
     min_inliers: MinInliersOpt = None,
-    neighbours: NeighboursOpt = 5,
+    neighbours: NeighboursOpt = NEIGHBOURS,
     model: Annotated[
         str | None,
         typer.Option("--model", "-m", help="Backbone (efficientnet-lite0/1/2, timm:<name>) or a descriptor file."),
@@ -171,6 +172,7 @@ def train_cmd(
         ),
     ] = None,
     quiet: QuietOpt = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")] = False,
 ) -> None:
     """Fine-tune a backbone for retrieval with hard-negative mining (Radenovic et al. 2018);
     with --unlabelled, on pairs it mines itself."""
@@ -230,6 +232,14 @@ def train_cmd(
             log=output.note,
             holdout=holdout_data,
         )
+    if json_out:
+        output.emit_json({
+            "out": str(out), "descriptor": result.descriptor.describe_name(), "best_epoch": result.best_epoch,
+            "seconds": result.seconds, "whitening_val_map": result.whitening_val_map,
+            "stopped_early": result.stopped_early, "checkpoints": str(ckpt),
+            "history": [dataclasses.asdict(h) for h in result.history],
+        })  # fmt: skip
+        return
     table = Table(title=f"fine-tuning {config.model} on {', '.join(map(str, data))} (recipe {recipe})")
     for col in ("epoch", "loss", "val mAP", "p", "seconds"):
         table.add_column(col, justify="right")

@@ -16,15 +16,10 @@ CUDA = "CUDAExecutionProvider"
 
 
 def features_head(descriptor: Descriptor, maps: list[np.ndarray]) -> np.ndarray:
-    """Pool per-scale feature maps exactly as :meth:`Descriptor.pooled` does, then whiten."""
-    from cbir.models.pooling import l2n, multiscale_combine
-
+    """Per-scale feature maps from a ``features`` graph -> descriptors, by the descriptor's
+    own :meth:`~cbir.models.descriptor.Descriptor.head` (pooling, combination, whitening)."""
     with torch.inference_mode():
-        vectors = [l2n(descriptor.pooling(torch.from_numpy(m))) for m in maps]
-        v = l2n(multiscale_combine(vectors, descriptor.multiscale_power))
-        if descriptor.whitening is not None:
-            v = descriptor.whitening(v)
-        return v.float().numpy()
+        return descriptor.head([torch.from_numpy(m) for m in maps]).float().numpy()
 
 
 def make_session(
