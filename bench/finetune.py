@@ -5,8 +5,9 @@ train-pool's classes (Caltech-101 objects, Omniglot characters) are disjoint fro
 gpr-mini's; validation (model selection) uses classes held out of each train-pool root,
 scored per root and averaged, so no gpr-mini image is used for training, whitening or
 choosing the epoch. gpr-mini is read only after training, to score both descriptors with
-the GPR1200 protocol. The defaults are the settings validation chose (README, fine-tuning
-benchmark): queries sampled uniformly over classes, no augmentation.
+the GPR1200 protocol. The defaults are the settings validation chose, which are also
+``cbir train --recipe cpu``'s (cbir.train.recipes): queries sampled uniformly over classes,
+no augmentation. ``--train`` also takes one CSV of pairs, e.g. the output of bench/mine.py.
 
 Usage (from the project root; the full 60-minute version on 2 CPU cores):
 
@@ -30,9 +31,12 @@ from cbir.benchmarks import run_gpr1200
 from cbir.fileio import atomic_write_text
 from cbir.models import build_descriptor
 from cbir.train import TrainConfig, load_train_data, train
+from cbir.train.recipes import RECIPES
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path("../shared/datasets")
+#: the defaults are `cbir train --recipe cpu`'s (chosen by this script's validation runs)
+CPU = RECIPES["cpu"].settings
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,14 +61,14 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="stop after this many epochs without a better validation mAP",
     )
-    ap.add_argument("--max-tuples", type=int, default=200)
-    ap.add_argument("--pool-size", type=int, default=500)
-    ap.add_argument("--negatives", type=int, default=5)
-    ap.add_argument("--batch", type=int, default=5)
-    ap.add_argument("--lr", type=float, default=2e-5)
-    ap.add_argument("--loss", default="contrastive")
-    ap.add_argument("--margin", type=float, default=1.0)
-    ap.add_argument("--freeze", type=float, default=0.4)
+    ap.add_argument("--max-tuples", type=int, default=CPU["max_tuples"])
+    ap.add_argument("--pool-size", type=int, default=CPU["pool_size"])
+    ap.add_argument("--negatives", type=int, default=CPU["negatives"])
+    ap.add_argument("--batch", type=int, default=CPU["batch_size"])
+    ap.add_argument("--lr", type=float, default=CPU["lr"])
+    ap.add_argument("--loss", default=CPU["loss"])
+    ap.add_argument("--margin", type=float, default=CPU["margin"])
+    ap.add_argument("--freeze", type=float, default=CPU["freeze"])
     ap.add_argument("--image-size", type=int, default=None)
     ap.add_argument("--val-fraction", type=float, default=0.1)
     ap.add_argument(
@@ -73,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         action="store_false",
         help="draw validation classes from all roots at once (pooled validation mAP)",
     )
-    ap.add_argument("--sampling", choices=["image", "class"], default="class")
+    ap.add_argument("--sampling", choices=["image", "class"], default=CPU["sampling"])
     ap.add_argument("--augment", action="store_true", help="random crop + flip of training images")
     ap.add_argument("--whiten", action="store_true")
     ap.add_argument("--seed", type=int, default=0)

@@ -24,8 +24,9 @@ import numpy as np
 
 from cbir.data.datasets import list_images, load_gpr_collection
 from cbir.eval import evaluate_gpr1200
-from cbir.extract import DEFAULT_ENGINE, extract
+from cbir.extract import extract
 from cbir.models import RADENOVIC_SCALES, build_descriptor, fit_pca_whitening
+from cbir.runtime import DEFAULT_ENGINE
 
 ROOT = Path(__file__).resolve().parents[1]
 

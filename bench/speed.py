@@ -82,9 +82,9 @@ def _cpu_seconds() -> dict[str, float]:
 
 def bench_extract(args: argparse.Namespace) -> dict:
     from cbir.allocator import tune_allocator
-    from cbir.engine import onnx_runner
     from cbir.extract import decoded_batches, default_workers, extract
     from cbir.models import build_descriptor
+    from cbir.runtime.onnx_runner import onnx_runner
 
     tune_allocator()  # every in-process method runs with it (the untuned naive: a child)
     files = bench_files(args.gpr, args.limit)

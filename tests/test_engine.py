@@ -15,9 +15,10 @@ import pytest
 from conftest import dataset_or_skip, make_image
 from typer.testing import CliRunner
 
-from cbir.engine import EngineUnavailable, cached_model, onnx_available, onnx_runner
-from cbir.extract import DEFAULT_ENGINE, extract, make_runner, torch_runner
+from cbir.extract import extract
 from cbir.models import build_descriptor, fit_pca_whitening
+from cbir.runtime import DEFAULT_ENGINE, EngineUnavailable, make_runner, torch_runner
+from cbir.runtime.onnx_runner import cached_model, onnx_available, onnx_runner
 
 pytestmark = pytest.mark.skipif(not onnx_available(), reason="onnxruntime not installed")
 
@@ -102,7 +103,8 @@ def test_graph_that_ignores_sizes_falls_back_to_torch(
 ) -> None:
     """Exporting R-MAC as one traced graph freezes its regions at the example's size: the
     check at a second aspect ratio must catch it and the run must go on with torch."""
-    import cbir.engine.export as export
+    import cbir.runtime.export as export
+    import cbir.runtime.onnx_runner as onnx_module
 
     monkeypatch.setattr(export, "graph_kind", lambda d: "descriptor")
     desc = _tiny("rmac", size=160)  # feature maps of 5 x 1 to 5 x 5 cells
@@ -114,7 +116,7 @@ def test_graph_that_ignores_sizes_falls_back_to_torch(
     x = _images([(2, 160, 40)])[0]
     np.testing.assert_array_equal(run(x), torch_runner(desc)(x))
     # the verdict is cached: no second export attempt
-    monkeypatch.setattr(export, "export_onnx", lambda *a, **k: pytest.fail("re-exported"))
+    monkeypatch.setattr(onnx_module, "export_onnx", lambda *a, **k: pytest.fail("re-exported"))
     with pytest.raises(EngineUnavailable):
         cached_model(desc, verbose=False)
 
@@ -214,7 +216,7 @@ def test_constant_pads_are_folded_into_the_convolution() -> None:
     import torch
     import torch.nn.functional as F
 
-    from cbir.engine.export import optimize_graph
+    from cbir.runtime.export import optimize_graph
 
     class Net(torch.nn.Module):
         def __init__(self, value: float) -> None:

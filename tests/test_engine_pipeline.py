@@ -11,7 +11,8 @@ from conftest import make_image
 
 from cbir.data.transforms import Preprocess
 from cbir.eval.ranking import block_positive_ranks, positive_ranks
-from cbir.extract import decoded_batches, extract, iter_extract, torch_runner
+from cbir.extract import decoded_batches, extract, iter_extract
+from cbir.runtime import torch_runner
 
 
 @pytest.fixture

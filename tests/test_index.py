@@ -420,22 +420,3 @@ def test_duplicates_groups_planted_near_copies(tmp_path: Path, lite0_descriptor)
         assert len({Path(h.path).name.split("_")[0] for h in g}) == 1
         assert g[0].score == 1.0 and all(h.score >= threshold for h in g[1:])
         assert [h.score for h in g[1:]] == sorted((h.score for h in g[1:]), reverse=True)
-
-
-def test_group_duplicates_connected_components() -> None:
-    from cbir.index.duplicates import group_duplicates
-
-    # a chain a-b-c at 0, 15 and 30 degrees (a, c below T), a pair d-e, and a loner f
-    ang = np.radians([0.0, 15.0, 30.0])
-    chain = np.stack([np.cos(ang), np.sin(ang), np.zeros(3)], axis=1)
-    x = l2n(np.vstack([chain, [[0, 0, 1], [0, 0.1, 1], [0, -1, 0.2]]]))
-    sims = x @ x.T
-    t = 0.95
-    assert sims[0, 1] >= t and sims[1, 2] >= t and sims[0, 2] < t and sims[3, 4] >= t
-    groups = group_duplicates(x.astype(np.float32), t)
-    assert [[r for r, _ in g] for g in groups] == [
-        [1, 0, 2] if sims[1, 0] >= sims[1, 2] else [1, 2, 0],
-        [3, 4],
-    ]
-    assert groups[0][0][1] == 1.0
-    assert group_duplicates(x.astype(np.float32), 0.99999) == []

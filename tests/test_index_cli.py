@@ -56,8 +56,10 @@ def test_index_search_stats_duplicates(tmp_path: Path, image_dir: Path, tiny_fil
     )
 
     code, out = cli("duplicates", "--db", db, "--threshold", "-1", "--json")
-    groups = json.loads(out)["groups"]
-    assert code == 0 and len(groups) == 1 and len(groups[0]) == 10  # everything is "similar" at -1
+    payload = json.loads(out)
+    groups = payload["groups"]
+    assert code == 0 and len(groups) == 1 and len(groups[0]["members"]) == 10  # everything is "similar" at -1
+    assert len(payload["remove"]) == 9 and groups[0]["keep"] not in payload["remove"]
     code, out = cli("duplicates", "--db", db, "--threshold", "1.0")
     assert code == 0 and "no duplicates" in out
 

@@ -30,10 +30,9 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
-import sys
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
@@ -41,28 +40,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
-from cbir.allocator import tune_allocator
 from cbir.data.decode import DEFAULT_MAX_PIXELS, DecodeError, image_size, load_image
 from cbir.data.transforms import Preprocess
 from cbir.fileio import atomic_numpy_save, atomic_write_text
 from cbir.models.descriptor import Descriptor
+from cbir.runtime import DEFAULT_ENGINE, Runner, for_engine, make_runner, usable_cores
 
-
-def _onnx_importable() -> bool:
-    try:
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-#: ``onnx`` where ONNX Runtime imports (several times faster on CPUs), else ``torch``.
-DEFAULT_ENGINE = "onnx" if _onnx_importable() else "torch"
-
-#: A runner maps a uint8 batch (B x H x W x 3) to float32 descriptors (B x D).
-Runner = Callable[[np.ndarray], np.ndarray]
 Box = tuple[float, float, float, float]
 
 
@@ -124,56 +108,9 @@ def crop_box(img, box: Box):
     return img.crop((x1, y1, max(x1 + 1, x2), max(y1 + 1, y2)))
 
 
-def usable_cores() -> int:
-    """Cores this process may run on (affinity masks and container CPU sets respected)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
-
-
 def default_workers() -> int:
     """Decode processes: one per core minus the one the model mostly occupies, at least 1."""
     return max(1, min(8, usable_cores() - 1))
-
-
-# ----------------------------------------------------------------------------------------
-# runners
-# ----------------------------------------------------------------------------------------
-def torch_runner(descriptor: Descriptor) -> Runner:
-    """Run the descriptor with PyTorch eager on the CPU (glibc malloc tuned first, see
-    :mod:`cbir.allocator`: without it, page faults cost more than the convolutions)."""
-    tune_allocator()
-    descriptor.eval()
-
-    def run(batch: np.ndarray) -> np.ndarray:
-        with torch.inference_mode():
-            x = descriptor.preprocess.normalize(torch.from_numpy(batch))
-            return descriptor(x).float().numpy()
-
-    run.engine = "torch"  # type: ignore[attr-defined]
-    return run
-
-
-def make_runner(descriptor: Descriptor, engine: str = DEFAULT_ENGINE, **options: Any) -> Runner:
-    """Pick the inference engine: ``torch`` or ``onnx`` (ONNX Runtime, see :mod:`cbir.engine`).
-
-    When the ONNX engine cannot serve a descriptor (ONNX Runtime missing, an export that
-    fails or disagrees with torch), the run goes on with torch and says so on stderr;
-    the vectors are the same either way, only the speed differs.
-    """
-    if engine == "torch":
-        return torch_runner(descriptor)
-    if engine == "onnx":
-        from cbir.engine import EngineUnavailable, onnx_runner  # imported lazily: optional path
-
-        try:
-            return onnx_runner(descriptor, **options)
-        except EngineUnavailable as exc:
-            name = descriptor.describe_name()
-            print(f"onnx engine unavailable for {name}: {exc}; using torch", file=sys.stderr)
-            return torch_runner(descriptor)
-    raise ValueError(f"unknown engine {engine!r}: use 'torch' or 'onnx'")
 
 
 # ----------------------------------------------------------------------------------------
@@ -376,16 +313,23 @@ def iter_extract(
     workers: int | None = None,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     engine: str = DEFAULT_ENGINE,
+    device: str = "auto",
+    calibrate: str | os.PathLike | None = None,
     runner: Runner | None = None,
     boxes: Sequence[Box | None] | None = None,
     progress: bool = True,
     desc: str = "describing",
 ) -> Iterator[Batch]:
-    """Yield :class:`Batch` objects as they are computed (order: planned batches)."""
+    """Yield :class:`Batch` objects as they are computed (order: planned batches).
+
+    ``engine`` (torch, onnx, onnx-int8) and ``device`` (auto, cpu, cuda) choose the
+    runner unless ``runner`` is given; ``calibrate``: the onnx-int8 calibration folder."""
     paths = [os.fspath(p) for p in paths]
     if not paths:
         return
-    run = runner or make_runner(descriptor, engine)
+    if runner is None:
+        descriptor = for_engine(descriptor, engine, calibrate)
+    run = runner or make_runner(descriptor, engine, device=device, calibrate=calibrate)
     bar = _progress(len(paths), desc, progress)
     stream = decoded_batches(
         paths, descriptor.preprocess, batch_size=batch_size, workers=workers,
@@ -423,6 +367,8 @@ def extract(
 ) -> ExtractionResult:
     """Describe every file; rows follow the input order with failed files left out."""
     paths = [os.fspath(p) for p in paths]
+    if kwargs.get("runner") is None:  # the identity recorded must say which numerics made the vectors
+        descriptor = for_engine(descriptor, kwargs.get("engine", DEFAULT_ENGINE), kwargs.get("calibrate"))
     start = time.perf_counter()
     feats = np.zeros((len(paths), descriptor.dim), dtype=np.float32)
     ok = np.zeros(len(paths), dtype=bool)

@@ -20,6 +20,7 @@ from cbir.cli import ann_cmds as _ann_cmds  # noqa: E402,F401
 from cbir.cli import describe_cmds as _describe_cmds  # noqa: E402,F401
 from cbir.cli import duplicates_cmds as _duplicates_cmds  # noqa: E402,F401
 from cbir.cli import index_cmds as _index_cmds  # noqa: E402,F401
+from cbir.cli import mine_cmds as _mine_cmds  # noqa: E402,F401
 from cbir.cli import revisited_cmds as _revisited_cmds  # noqa: E402,F401
 from cbir.cli import serve_cmds as _serve_cmds  # noqa: E402,F401
 from cbir.cli import train_cmds as _train_cmds  # noqa: E402,F401

@@ -58,7 +58,7 @@ def extract_on_ray(
         report = extract_with_ray(
             inputs, out, descriptor, address=address, workers=extraction.workers,
             cpus_per_worker=cpus_per_worker, batch_size=extraction.batch_size, block_rows=block_rows,
-            engine=extraction.engine, max_pixels=extraction.max_pixels, progress=not extraction.quiet,
+            engine=extraction.kwargs()["engine"], max_pixels=extraction.max_pixels, progress=not extraction.quiet,
         )  # fmt: skip
     except CbirError as exc:
         err.print(f"[red]error:[/] {escape(str(exc))}")  # escaped: "cbir[distributed]" is no style

@@ -26,7 +26,6 @@ from cbir.cli.options import (
     parse_size,
 )
 from cbir.errors import CbirError
-from cbir.extract import DEFAULT_ENGINE
 from cbir.index import DEFAULT_DB, Index
 
 console = Console(stderr=False)
@@ -141,7 +140,7 @@ def index_cmd(
     with _user_errors():
         with _open(
             db, model=descriptor, factory=factory, memory_budget=budget, dba=dba, dba_alpha=dba_alpha,
-            engine=extraction.engine, create=True, wait=wait, store=store,
+            engine=extraction.engine, create=True, wait=wait, store=store, **extraction.engine_options(),
         ) as idx:
             report = idx.sync(dirs, **run)
             if compact:
@@ -182,7 +181,7 @@ def search_cmd(
     exclude_self: Annotated[
         bool, typer.Option("--exclude-self", help="Leave the query's own file out of the results.")
     ] = False,
-    engine: EngineOpt = DEFAULT_ENGINE,
+    engine: EngineOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Find the indexed images most similar to QUERY, best first."""

@@ -22,9 +22,9 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 from cbir.data.decode import DEFAULT_MAX_PIXELS
-from cbir.extract import DEFAULT_ENGINE
 from cbir.models.backbones import DEFAULT_BACKBONE
 from cbir.models.descriptor import RADENOVIC_SCALES, Descriptor, build_descriptor
+from cbir.runtime import DEFAULT_ENGINE
 
 ModelOpt = Annotated[
     str,
@@ -46,7 +46,20 @@ ResizeOpt = Annotated[
 ]
 CropOpt = Annotated[int | None, typer.Option("--crop", help="Centre-crop size for --resize crop.")]
 TokenOpt = Annotated[str, typer.Option("--token", help="ViTs: 'patch' (token map) or 'cls' (class token).")]
-EngineOpt = Annotated[str, typer.Option("--engine", help="Inference engine: torch or onnx.")]
+EngineOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--engine",
+        help="Inference engine: torch, onnx or onnx-int8 (default: onnx where ONNX Runtime is installed; "
+        "for an existing index, the engine that made its vectors).",
+    ),
+]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto (a GPU where the engine can use one), cpu or cuda.")]
+CalibrateOpt = Annotated[
+    Path | None,
+    typer.Option("--calibrate", help="onnx-int8: calibration images, in no benchmark (default: ../shared/datasets/"
+                 "train-pool where present)."),
+]
 BatchOpt = Annotated[int, typer.Option("--batch-size", "-b", help="Images per model batch.")]
 WorkersOpt = Annotated[
     int | None, typer.Option("--workers", "-j", help="Decode worker processes (default: one per core).")
@@ -122,7 +135,9 @@ class DescriptorOptions:
 class ExtractionOptions:
     """How to run the extraction: engine, batch, decode workers, size limit, progress."""
 
-    engine: str = DEFAULT_ENGINE
+    engine: str | None = None
+    device: str = "auto"
+    calibrate: Path | None = None
     batch_size: int = 32
     workers: int | None = None
     max_pixels: int = DEFAULT_MAX_PIXELS
@@ -137,8 +152,13 @@ class ExtractionOptions:
             "progress": not self.quiet,
         }
         if engine:
-            out["engine"] = self.engine
+            out["engine"] = self.engine or DEFAULT_ENGINE
+            out.update(self.engine_options())
         return out
+
+    def engine_options(self) -> dict[str, Any]:
+        """``device`` and ``calibrate``, for whatever runs the engine."""
+        return {"device": self.device, "calibrate": self.calibrate}
 
 
 _DESCRIPTOR_OPTIONS: dict[str, Any] = {
@@ -154,6 +174,8 @@ _DESCRIPTOR_OPTIONS: dict[str, Any] = {
 }
 _EXTRACTION_OPTIONS: dict[str, Any] = {
     "engine": EngineOpt,
+    "device": DeviceOpt,
+    "calibrate": CalibrateOpt,
     "batch_size": BatchOpt,
     "workers": WorkersOpt,
     "max_pixels": MaxPixelsOpt,

@@ -1,4 +1,9 @@
-"""``cbir train``: fine-tune a descriptor for retrieval (a thin layer over :mod:`cbir.train`)."""
+"""``cbir train``: fine-tune a descriptor for retrieval (a thin layer over :mod:`cbir.train`).
+
+Settings the user does not give come from a recipe (:mod:`cbir.train.recipes`: ``cpu`` by
+default, or ``paper``); every option given explicitly overrides it. Torch is imported inside
+the command, so ``cbir --help`` does not load it.
+"""
 
 from __future__ import annotations
 
@@ -10,13 +15,24 @@ from rich.console import Console
 from rich.table import Table
 
 from cbir.cli.commands import app
-from cbir.cli.options import ImageSizeOpt, ModelOpt, QuietOpt
-from cbir.models.backbones import DEFAULT_BACKBONE
-from cbir.train import TrainConfig, TrainDataError, default_checkpoint_dir, load_train_data, train
-from cbir.train.trainer import RADENOVIC_LR_DECAY
+from cbir.cli.mine_cmds import GeometryOpt, MinInliersOpt, NeighboursOpt, VerifyOpt, report_text, run_mining
+from cbir.cli.options import QuietOpt
+from cbir.errors import CbirError
 
 console = Console(stderr=False)
 err = Console(stderr=True)
+
+RECIPE_HELP = (
+    "Where the settings you do not give come from: 'cpu' (default; what validation chose for about an "
+    "hour on a CPU: 50 epochs of 200 tuples, pool 500, lr 2e-5, margin 1.0, 40% of the backbone frozen, "
+    "class sampling) or 'paper' (Radenovic et al. 2018 on a GPU: 100 epochs of 2,000 tuples, pool 20,000, "
+    "lr 1e-6, margin 0.7, nothing frozen, image sampling, 362 px). Any option given explicitly wins."
+)
+
+
+def _r(text: str) -> str:
+    """Help text of an option whose default comes from the recipe."""
+    return f"{text} [default: from --recipe]"
 
 
 @app.command("train")
@@ -24,71 +40,95 @@ def train_cmd(
     data: Annotated[
         list[Path],
         typer.Argument(
-            help="Class folders DATA/<class>/*.jpg (one or more roots), "
-            "or one CSV of query,positive,cluster rows."
+            help="Class folders DATA/<class>/*.jpg (one or more roots), one CSV of query,positive,cluster "
+            "rows, or with --unlabelled one folder of unlabelled images (any layout)."
         ),
     ],
-    out: Annotated[
-        Path, typer.Option("--out", "-o", help="Descriptor file to write (use it with --model).")
-    ],
-    model: ModelOpt = DEFAULT_BACKBONE,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Descriptor file to write (use it with --model).")],
+    recipe: Annotated[str, typer.Option("--recipe", help=RECIPE_HELP)] = "cpu",
+    unlabelled: Annotated[
+        bool,
+        typer.Option(
+            "--unlabelled",
+            help="DATA is one folder of unlabelled images: mine verified pairs first (as cbir mine; "
+            "written to OUT's name + .pairs.csv), then train on them. No folder name is read.",
+        ),
+    ] = False,
+    verify: VerifyOpt = "sift",
+    geometry: GeometryOpt = "homography",
+    min_inliers: MinInliersOpt = None,
+    neighbours: NeighboursOpt = 5,
+    model: Annotated[
+        str | None,
+        typer.Option("--model", "-m", help="Backbone (efficientnet-lite0/1/2, timm:<name>) or a descriptor file."),
+    ] = None,
     pooling: Annotated[
-        str, typer.Option("--pooling", "-p", help="gem or rgem (p is learned), or mac/spoc.")
+        str,
+        typer.Option(
+            "--pooling",
+            "-p",
+            help="gem or rgem (p is learned), mac, spoc, or rmac (R-MAC with its region whitening trained "
+            "end to end as a shift + projection initialised by PCA, Gordo et al. 2017).",
+        ),
     ] = "gem",
     loss: Annotated[
-        str,
-        typer.Option("--loss", help="contrastive (Radenovic et al.) or triplet (Gordo et al.)."),
-    ] = "contrastive",
-    margin: Annotated[
-        float | None,
-        typer.Option("--margin", help="Loss margin [default: 0.7 contrastive, 0.1 triplet]."),
+        str | None, typer.Option("--loss", help=_r("contrastive (Radenovic et al.) or triplet (Gordo et al.)."))
     ] = None,
+    margin: Annotated[float | None, typer.Option("--margin", help=_r("Loss margin."))] = None,
     epochs: Annotated[
-        int, typer.Option("--epochs", "-e", help="Epochs (negatives are re-mined before each).")
-    ] = 10,
-    max_tuples: Annotated[
-        int, typer.Option("--max-tuples", help="Training tuples per epoch.")
-    ] = 1000,
-    negatives: Annotated[
-        int, typer.Option("--negatives", "-k", help="Hard negatives per tuple.")
-    ] = 5,
+        int | None, typer.Option("--epochs", "-e", help=_r("Epochs (negatives are re-mined before each)."))
+    ] = None,
+    max_tuples: Annotated[int | None, typer.Option("--max-tuples", help=_r("Training tuples per epoch."))] = None,
+    negatives: Annotated[int | None, typer.Option("--negatives", "-k", help=_r("Hard negatives per tuple."))] = None,
     pool_size: Annotated[
-        int, typer.Option("--pool-size", help="Random images described to mine negatives from.")
-    ] = 2000,
-    image_size: ImageSizeOpt = None,
+        int | None, typer.Option("--pool-size", help=_r("Random images described to mine negatives from."))
+    ] = None,
+    image_size: Annotated[
+        int | None, typer.Option("--image-size", help=_r("Training input size (the model's own in 'cpu')."))
+    ] = None,
     batch: Annotated[
-        int, typer.Option("--batch", help="Tuples per optimizer step (gradients accumulated).")
-    ] = 5,
-    chunk: Annotated[
-        int, typer.Option("--chunk", help="Tuples per forward pass (memory vs speed).")
-    ] = 1,
+        int | None, typer.Option("--batch", help=_r("Tuples per optimizer step (gradients accumulated)."))
+    ] = None,
+    chunk: Annotated[int, typer.Option("--chunk", help="Tuples per forward pass (memory vs speed).")] = 1,
     lr: Annotated[
-        float, typer.Option("--lr", help="Adam learning rate of the backbone (GeM p gets 10x).")
-    ] = 1e-6,
-    weight_decay: Annotated[
-        float, typer.Option("--weight-decay", help="Backbone weight decay (none on p).")
-    ] = 1e-6,
-    lr_decay: Annotated[
-        float, typer.Option("--lr-decay", help="Learning-rate factor per epoch.")
-    ] = RADENOVIC_LR_DECAY,
+        float | None, typer.Option("--lr", help=_r("Adam learning rate of the backbone (GeM p gets 10x)."))
+    ] = None,
+    weight_decay: Annotated[float | None, typer.Option("--weight-decay", help=_r("Backbone weight decay."))] = None,
+    lr_decay: Annotated[float | None, typer.Option("--lr-decay", help=_r("Learning-rate factor per epoch."))] = None,
     freeze_bn: Annotated[
-        bool, typer.Option("--freeze-bn/--train-bn", help="Keep BatchNorm statistics frozen.")
-    ] = True,
+        bool | None, typer.Option("--freeze-bn/--train-bn", help=_r("Keep BatchNorm statistics frozen."))
+    ] = None,
     freeze: Annotated[
-        float,
-        typer.Option(
-            "--freeze",
-            help="Share of backbone weights (input side first) kept fixed: faster on a CPU.",
-        ),
-    ] = 0.0,
+        float | None,
+        typer.Option("--freeze", help=_r("Share of backbone weights (input side first) kept fixed.")),
+    ] = None,
     val: Annotated[
         Path | None,
         typer.Option("--val", help="Validation class folders (default: hold out classes of DATA)."),
     ] = None,
     val_fraction: Annotated[
         float,
-        typer.Option("--val-fraction", help="Share of classes held out when no --val (0: none)."),
+        typer.Option("--val-fraction", help="Share of classes (clusters) held out when no --val (0: none)."),
     ] = 0.1,
+    holdout: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--holdout",
+            help="Class folders never trained on, added to validation as domains of their own, so the kept "
+            "epoch and --interpolate auto see what fine-tuning costs outside the training data (repeatable).",
+        ),
+    ] = None,
+    interpolate: Annotated[
+        str | None,
+        typer.Option(
+            "--interpolate",
+            help="Against forgetting (WiSE-FT): average the off-the-shelf and fine-tuned weights, A in [0, 1] "
+            "being the fine-tuned share, or 'auto' to choose A on validation (use --holdout with it).",
+        ),
+    ] = None,
+    device: Annotated[
+        str, typer.Option("--device", help="Where training runs: auto (a GPU when torch sees one), cpu, cuda.")
+    ] = "auto",
     stratify: Annotated[
         bool,
         typer.Option(
@@ -98,45 +138,30 @@ def train_cmd(
         ),
     ] = True,
     sampling: Annotated[
-        str,
-        typer.Option(
-            "--sampling",
-            help="Queries drawn uniformly over 'image's (Radenovic et al.) or over 'class'es.",
-        ),
-    ] = "image",
+        str | None,
+        typer.Option("--sampling", help=_r("Queries drawn uniformly over 'image's or over 'class'es.")),
+    ] = None,
     augment: Annotated[
-        bool,
-        typer.Option(
-            "--augment/--no-augment",
-            help="Random crop (50-100% of the area) and flip of each training image.",
-        ),
-    ] = False,
+        bool | None,
+        typer.Option("--augment/--no-augment", help=_r("Random crop (50-100% of the area) and flip.")),
+    ] = None,
     keep: Annotated[
         str,
         typer.Option("--keep", help="Output the 'best' epoch by validation mAP, or the 'last'."),
     ] = "best",
     whiten: Annotated[
         bool,
-        typer.Option(
-            "--whiten/--no-whiten", help="Fit learned whitening on the training data afterwards."
-        ),
+        typer.Option("--whiten/--no-whiten", help="Fit learned whitening on the training data afterwards."),
     ] = False,
-    whiten_dim: Annotated[
-        int | None, typer.Option("--whiten-dim", help="Whitening output dimension.")
-    ] = None,
-    seed: Annotated[
-        int, typer.Option("--seed", help="Random seed: the same seed reproduces a run.")
-    ] = 0,
+    whiten_dim: Annotated[int | None, typer.Option("--whiten-dim", help="Whitening output dimension.")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Random seed: the same seed reproduces a run.")] = 0,
     time_limit: Annotated[
         float | None,
         typer.Option("--time-limit", help="Minutes; no epoch is started that would overrun."),
     ] = None,
     patience: Annotated[
         int | None,
-        typer.Option(
-            "--patience",
-            help="Stop after this many epochs without a better validation mAP (early stopping).",
-        ),
+        typer.Option("--patience", help="Stop after this many epochs without a better validation mAP."),
     ] = None,
     checkpoints: Annotated[
         Path | None,
@@ -151,40 +176,53 @@ def train_cmd(
     ] = None,
     quiet: QuietOpt = False,
 ) -> None:
-    """Fine-tune a backbone for retrieval with hard-negative mining (Radenovic et al. 2018)."""
+    """Fine-tune a backbone for retrieval with hard-negative mining (Radenovic et al. 2018);
+    with --unlabelled, on pairs it mines itself."""
+    from cbir.models.backbones import DEFAULT_BACKBONE
+    from cbir.train import TrainConfig, TrainDataError, default_checkpoint_dir, load_class_roots, load_train_data
+    from cbir.train import train as run_train
+    from cbir.train.recipes import resolve_recipe
+
+    explicit = {
+        "loss": loss, "margin": margin, "epochs": epochs, "max_tuples": max_tuples, "negatives": negatives,
+        "pool_size": pool_size, "image_size": image_size, "batch_size": batch, "lr": lr,
+        "weight_decay": weight_decay, "lr_decay": lr_decay, "freeze_bn": freeze_bn, "freeze": freeze,
+        "sampling": sampling, "augment": augment,
+    }  # fmt: skip
     try:
+        settings = resolve_recipe(recipe, explicit)
         config = TrainConfig(
-            model=model,
+            **settings,
+            model=model or DEFAULT_BACKBONE,
             pooling=pooling,
-            loss=loss,
-            margin=margin,
-            epochs=epochs,
-            max_tuples=max_tuples,
-            negatives=negatives,
-            pool_size=pool_size,
-            image_size=image_size,
-            batch_size=batch,
             chunk=chunk,
-            lr=lr,
-            weight_decay=weight_decay,
-            lr_decay=lr_decay,
-            freeze_bn=freeze_bn,
-            freeze=freeze,
             val_fraction=0.0 if val is not None else val_fraction,
             stratify=stratify,
-            sampling=sampling,
-            augment=augment,
             seed=seed,
             whiten=whiten,
             whiten_dim=whiten_dim,
             keep=keep,
             time_limit=time_limit * 60 if time_limit else None,
             patience=patience,
+            interpolate=interpolate,
+            device=device,
+            recipe=recipe,
         )
+        if unlabelled:
+            if len(data) != 1 or not data[0].is_dir():
+                raise TrainDataError("--unlabelled takes one folder of images")
+            pairs_csv = out.with_name(out.stem + ".pairs.csv")
+            report = run_mining(
+                data[0], pairs_csv, model=model, verify=verify, geometry=geometry, min_inliers=min_inliers,
+                neighbours=neighbours, progress=not quiet,
+            )  # fmt: skip
+            err.print(f"mined: {report_text(report)} -> {pairs_csv}")
+            data = [pairs_csv]
         train_data = load_train_data(data)
         val_data = load_train_data([val]) if val is not None else None
+        holdout_data = load_class_roots(holdout) if holdout else None
         ckpt = checkpoints or default_checkpoint_dir(out)
-        result = train(
+        result = run_train(
             config,
             train_data,
             val=val_data,
@@ -193,10 +231,16 @@ def train_cmd(
             resume=resume,
             progress=not quiet,
             log=lambda m: err.print(m),
+            holdout=holdout_data,
         )
-    except (TrainDataError, ValueError) as exc:
+    except CbirError as exc:
+        if isinstance(exc, TrainDataError):
+            raise typer.BadParameter(str(exc)) from exc
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(exc.exit_code) from exc
+    except (ValueError, FileNotFoundError) as exc:
         raise typer.BadParameter(str(exc)) from exc
-    table = Table(title=f"fine-tuning {config.model} on {', '.join(map(str, data))}")
+    table = Table(title=f"fine-tuning {config.model} on {', '.join(map(str, data))} (recipe {recipe})")
     for col in ("epoch", "loss", "val mAP", "p", "seconds"):
         table.add_column(col, justify="right")
     for h in result.history:
@@ -208,12 +252,9 @@ def train_cmd(
             f"{h.seconds:.0f}",
         )
     console.print(table)
-    w = (
-        f", whitened (val mAP {result.whitening_val_map:.4f})"
-        if result.whitening_val_map is not None
-        else ""
-    )
+    w = f", whitened (val mAP {result.whitening_val_map:.4f})" if result.whitening_val_map is not None else ""
+    a = f", interpolated at {result.extra['alpha']:g}" if "alpha" in result.extra else ""
     console.print(
-        f"kept epoch {result.best_epoch}{w}; {result.seconds / 60:.1f} min -> {out} "
+        f"kept epoch {result.best_epoch}{a}{w}; {result.seconds / 60:.1f} min -> {out} "
         f"({result.descriptor.describe_name()}); checkpoints in {ckpt}"
     )

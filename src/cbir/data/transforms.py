@@ -92,8 +92,8 @@ class Preprocess:
     def normalize(self, batch: torch.Tensor) -> torch.Tensor:
         """uint8 BxHxWx3 -> float32 Bx3xHxW, mean/std normalised."""
         x = batch.permute(0, 3, 1, 2).float().div_(255.0)
-        mean = torch.tensor(self.mean, dtype=x.dtype).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, dtype=x.dtype).view(1, 3, 1, 1)
+        mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
         return (x - mean) / std
 
     def __call__(self, img: Image.Image) -> torch.Tensor:

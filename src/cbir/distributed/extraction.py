@@ -44,8 +44,8 @@ from cbir.distributed.embeddings import (
     rows_table,
     write_shard,
 )
-from cbir.extract import DEFAULT_ENGINE
 from cbir.models.descriptor import Descriptor
+from cbir.runtime import DEFAULT_ENGINE
 
 
 @dataclass
@@ -112,7 +112,7 @@ class DescribeFiles:
         put in the object store once by the driver and fetched once per actor."""
         import ray
 
-        from cbir.extract import make_runner
+        from cbir.runtime import make_runner
 
         descriptor_file, onnx_files = ray.get(files)
         self._dir = tempfile.mkdtemp(prefix="cbir-actor-")
@@ -235,9 +235,14 @@ def _file_list(ray: Any, inputs: Sequence[str | os.PathLike]) -> tuple[Any, str]
 def _onnx_files(descriptor: Descriptor, engine: str) -> tuple[dict[str, bytes] | None, str]:
     """The verified ONNX export (exported here once, if not cached), shipped to the actors;
     None and ``torch`` when the ONNX engine cannot serve this descriptor."""
+    if engine == "onnx-int8":
+        from cbir.runtime import EngineUnavailable
+
+        raise EngineUnavailable("--engine onnx-int8 is not available with --ray yet: use onnx or torch")
     if engine != "onnx":
         return None, "torch"
-    from cbir.engine import EngineUnavailable, cached_model
+    from cbir.runtime import EngineUnavailable
+    from cbir.runtime.onnx_runner import cached_model
 
     try:
         path, _ = cached_model(descriptor)

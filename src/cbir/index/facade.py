@@ -19,17 +19,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from PIL import Image
 
 from cbir.data.decode import DEFAULT_MAX_PIXELS
-from cbir.extract import DEFAULT_ENGINE
 from cbir.index import folder as fl
 from cbir.index import opening
 from cbir.index.catalog import Catalog, ImageRecord
-from cbir.index.duplicates import group_duplicates
-from cbir.index.errors import CbirIndexError, IndexBusyError
+from cbir.index.duplicates import (
+    DEFAULT_THRESHOLD,
+    PairCheck,
+    PairSearch,
+    Verification,
+    duplicate_pairs,
+    star_groups,
+    verified_pairs,
+)
+from cbir.index.errors import CbirIndexError, DescriptorMismatchError, IndexBusyError
 from cbir.index.locks import BusyError, FileLock, ReadWriteLock
 from cbir.index.query import Query, QueryResolver
+from cbir.index.removal import KEEP_RULES, DuplicateGroup, FileFacts, pixel_count, plan_removal
 from cbir.index.settings import IndexSettings, resolve_descriptor
 from cbir.index.stores import SearchParams, StoreSpec, VectorStore, make_store
 from cbir.index.stores.registry import DEFAULT_STORE, check_store, store_name
@@ -37,6 +46,7 @@ from cbir.index.sync import FileStat, under, walk
 from cbir.index.writer import IndexWriter, RunOptions, SyncReport, timed
 from cbir.models.descriptor import Descriptor
 from cbir.postprocess import alpha_qe
+from cbir.runtime import DEFAULT_ENGINE, EngineMismatch, engine_for, for_engine
 
 
 @dataclass
@@ -56,7 +66,8 @@ class Index:
     """
 
     def __init__(
-        self, layout: fl.Layout, catalog: Catalog, descriptor: Descriptor, *, readonly: bool, engine: str, wait: float
+        self, layout: fl.Layout, catalog: Catalog, descriptor: Descriptor, *, readonly: bool, engine: str, wait: float,
+        engine_options: dict[str, Any] | None = None,
     ) -> None:
         self.layout = layout
         self.folder = layout.folder
@@ -64,6 +75,8 @@ class Index:
         self.descriptor = descriptor
         self.readonly = readonly
         self.engine = engine
+        #: ``device`` and ``calibrate`` for the engine's runner (see cbir.runtime.make_runner)
+        self.engine_options: dict[str, Any] = dict(engine_options or {})
         self.dim = int(descriptor.dim)
         self.settings = IndexSettings(catalog, self.dim)
         self._wait = wait
@@ -72,7 +85,7 @@ class Index:
         self._flock = FileLock(layout.lock)
         self._closed = False
         self._detached = False  # the store was repaired in memory only (another writer held the lock)
-        self._queries = QueryResolver(catalog, descriptor, engine)
+        self._queries = QueryResolver(catalog, descriptor, engine, self.engine_options)
         self._writes = IndexWriter(self)
         self.store: VectorStore = self._make_store()
 
@@ -87,10 +100,12 @@ class Index:
         memory_budget: int | None = None,
         dba: int | None = None,
         dba_alpha: float | None = None,
-        engine: str = DEFAULT_ENGINE,
+        engine: str | None = None,
         wait: float = 0.0,
         exist_ok: bool = False,
         store: str | None = None,
+        device: str = "auto",
+        calibrate: str | os.PathLike | None = None,
     ) -> Index:
         """Create an index in ``path`` (a new or empty folder): ``model`` (backbone name,
         descriptor file or :class:`Descriptor`; default: the default descriptor) is saved
@@ -102,14 +117,15 @@ class Index:
         folder) or a registered vector database's setting such as ``milvus:URI`` (see
         :mod:`cbir.index.stores.registry` and :mod:`cbir.index.stores.milvus`)."""
         layout = fl.Layout(Path(path))
-        descriptor = resolve_descriptor(model)
+        # the identity records the engine's numerics: an int8 index never takes fp32 vectors
+        descriptor = for_engine(resolve_descriptor(model), engine or DEFAULT_ENGINE, calibrate)
         meta = IndexSettings.initial(descriptor, factory, memory_budget, dba, dba_alpha,
                                      store=_store_setting(store, layout.folder))  # fmt: skip
         new = opening.create_folder(layout, descriptor, meta, wait=wait, exist_ok=exist_ok)
         return cls.open(path, model=None if new else model, factory=None if new else factory,
                         memory_budget=None if new else memory_budget, dba=None if new else dba,
                         dba_alpha=None if new else dba_alpha, engine=engine, wait=wait,
-                        store=None if new else store)  # fmt: skip
+                        store=None if new else store, device=device, calibrate=calibrate)  # fmt: skip
 
     @classmethod
     def open(
@@ -123,9 +139,11 @@ class Index:
         readonly: bool = False,
         dba: int | None = None,
         dba_alpha: float | None = None,
-        engine: str = DEFAULT_ENGINE,
+        engine: str | None = None,
         wait: float = 0.0,
         store: str | None = None,
+        device: str = "auto",
+        calibrate: str | os.PathLike | None = None,
     ) -> Index:
         """Open the index in ``path``; with ``create=True`` create it if the folder has none
         (see :meth:`create`). ``model`` is checked against the stored descriptor
@@ -136,10 +154,19 @@ class Index:
         layout = fl.Layout(Path(path))
         if create and not readonly and layout.state() in ("absent", "interrupted"):
             return cls.create(path, model=model, factory=factory, memory_budget=memory_budget, dba=dba,
-                              dba_alpha=dba_alpha, engine=engine, wait=wait, exist_ok=True, store=store)  # fmt: skip
+                              dba_alpha=dba_alpha, engine=engine, wait=wait, exist_ok=True, store=store,
+                              device=device, calibrate=calibrate)  # fmt: skip
+        if model is not None:  # compared with the stored descriptor as the engine would make it
+            model = for_engine(resolve_descriptor(model), engine or DEFAULT_ENGINE, calibrate)
         catalog, descriptor = opening.open_catalog(layout, model, readonly=readonly, wait=wait)
         try:
-            index = cls(layout, catalog, descriptor, readonly=readonly, engine=engine, wait=wait)
+            try:
+                engine = engine_for(descriptor, engine)  # None: the engine that made the vectors
+            except EngineMismatch as exc:
+                raise DescriptorMismatchError(f"the index in {layout.folder}: {exc}") from exc
+            options = {"device": device, "calibrate": calibrate}
+            index = cls(layout, catalog, descriptor, readonly=readonly, engine=engine, wait=wait,
+                        engine_options=options)
             changes = index.settings.changes(factory, memory_budget, dba, dba_alpha, store, layout.folder)
             if changes:
                 if readonly:
@@ -430,23 +457,100 @@ class Index:
         scores, ids = self.store.search(q[None], max(1, depth), params)
         return [(int(i), float(s)) for i, s in zip(ids[0], scores[0], strict=True) if i >= 0]
 
-    def duplicates(self, threshold: float) -> list[list[Hit]]:
-        """Groups of near-duplicate images (cosine similarity >= ``threshold`` on the raw
-        descriptors, exact), as connected components, largest group first; see
-        :func:`cbir.index.duplicates.group_duplicates` for the order inside a group."""
+    def duplicates(
+        self,
+        threshold: float = DEFAULT_THRESHOLD,
+        how: PairSearch = PairSearch(),
+        verify: Verification | None = None,
+    ) -> list[list[Hit]]:
+        """Star groups of near-duplicate images, largest first: every member's raw-descriptor
+        cosine to the group's first member (its centre, score 1.0) is >= ``threshold``; the
+        others follow by similarity. Pairs come from this index's kNN search in blocks (no
+        n x n matrix); see :mod:`cbir.index.duplicates` for how groups and centres are chosen.
+        ``verify`` also admits pairs below the threshold that pass geometric verification
+        (:class:`cbir.index.duplicates.Verification`; needs OpenCV, the ``mine`` extra): those
+        members' scores are then below ``threshold``."""
         if not -1.0 <= threshold <= 1.0:
             raise CbirIndexError("threshold is a cosine similarity: between -1 and 1 (e.g. 0.95)")
-        with self._rw.read():  # one consistent snapshot (a single SELECT)
-            ids, vectors = self.catalog.all_vectors(dim=self.dim)
-        groups = group_duplicates(vectors, threshold)  # O(n^2): outside the lock
         with self._rw.read():
-            paths = self.catalog.paths_for([int(ids[r]) for g in groups for r, _ in g])
+            ids = self.catalog.ok_ids()
+
+        def blocks() -> Iterator[tuple[Any, Any]]:
+            for start in range(0, len(ids), how.block):
+                with self._rw.read():  # a block at a time: writers are not held off for the whole scan
+                    block = self.catalog.vectors(ids[start : start + how.block].tolist(), dim=self.dim)
+                yield block  # outside the lock: the consumer takes it again to search
+
+        def search(q: Any, k: int) -> tuple[Any, Any]:
+            with self._rw.read():
+                if self._closed:
+                    raise CbirIndexError("index is closed")
+                return self.store.search(q, k)
+
+        def fetch(want: Any) -> tuple[Any, Any]:
+            with self._rw.read():
+                return self.catalog.vectors(want.tolist(), dim=self.dim)
+
+        if verify is None:
+            pairs, scores = duplicate_pairs(blocks(), search, fetch, threshold, how)
+        else:
+            check = self._geometric_check(verify)
+            pairs, scores = verified_pairs(blocks, search, fetch, threshold, check, verify, how)
+        groups = star_groups(pairs, scores)
+        with self._rw.read():
+            paths = self.catalog.paths_for([i for g in groups for i, _ in g])
         out = []
-        for g in groups:  # a file removed meanwhile is left out
-            hits = [Hit(int(ids[r]), paths[int(ids[r])], s) for r, s in g if int(ids[r]) in paths]
+        for g in groups:  # a file removed meanwhile is left out; a group needs its centre
+            if g[0][0] not in paths:
+                continue
+            hits = [Hit(i, paths[i], s) for i, s in g if i in paths]
             if len(hits) > 1:
                 out.append(hits)
         return out
+
+    def _geometric_check(self, verify: Verification) -> PairCheck:
+        """Pairs of ids -> which pass cbir.verify's local-feature RANSAC test (a file that
+        cannot be read, or is gone, does not pass)."""
+        from cbir.verify import GeometricVerifier, VerifyError
+
+        verifier = GeometricVerifier(min_inliers=verify.min_inliers)
+
+        def check(pairs: Any) -> Any:
+            with self._rw.read():
+                paths = self.catalog.paths_for(pairs.ravel().tolist())
+            ok = []
+            for a, b in pairs.tolist():
+                try:
+                    ok.append(a in paths and b in paths and verifier.verify(paths[a], paths[b]).verified)
+                except VerifyError:
+                    ok.append(False)
+            return np.array(ok, dtype=bool)
+
+        return check
+
+    def duplicate_plan(
+        self,
+        threshold: float = DEFAULT_THRESHOLD,
+        keep: str = "first",
+        how: PairSearch = PairSearch(),
+        verify: Verification | None = None,
+    ) -> list[DuplicateGroup]:
+        """:meth:`duplicates` with the member to keep in each group chosen by ``keep``
+        (``first``, ``largest``, ``oldest``: :mod:`cbir.index.removal`) and the rest to remove."""
+        if keep not in KEEP_RULES:
+            raise CbirIndexError(f"unknown keep rule {keep!r}: one of {', '.join(KEEP_RULES)}")
+        groups = self.duplicates(threshold, how, verify)
+        cache: dict[int, FileFacts] = {}
+
+        def facts(m: Hit) -> FileFacts:
+            if m.id not in cache:
+                with self._rw.read():
+                    rec = self.catalog.get(m.id)
+                size, mtime = (rec.size, rec.mtime_ns) if rec else (0, 0)
+                cache[m.id] = FileFacts(pixel_count(m.path) if keep == "largest" else 0, size, mtime)
+            return cache[m.id]
+
+        return plan_removal(groups, keep, facts)
 
 
 def _store_setting(store: str | None, folder: Path) -> str:

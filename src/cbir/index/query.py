@@ -17,11 +17,11 @@ import numpy as np
 from PIL import Image
 
 from cbir.data.decode import DecodeError, load_image, to_rgb
-from cbir.extract import Runner, make_runner
 from cbir.index.catalog import Catalog
 from cbir.index.errors import DescriptorMismatchError, QueryError
 from cbir.index.sync import file_sha256
 from cbir.models.descriptor import Descriptor
+from cbir.runtime import Runner, make_runner
 
 #: What :meth:`cbir.index.Index.search` accepts as a query.
 Query = Image.Image | np.ndarray | bytes | str | os.PathLike
@@ -36,10 +36,13 @@ def l2n(x: np.ndarray) -> np.ndarray:
 class QueryResolver:
     """Describes query images exactly as indexing does and finds a query's own entries."""
 
-    def __init__(self, catalog: Catalog, descriptor: Descriptor, engine: str) -> None:
+    def __init__(
+        self, catalog: Catalog, descriptor: Descriptor, engine: str, engine_options: dict[str, Any] | None = None
+    ) -> None:
         self.catalog = catalog
         self.descriptor = descriptor
         self.engine = engine
+        self.engine_options = dict(engine_options or {})
         self.dim = int(descriptor.dim)
         self._runner: Runner | None = None
         self._runner_lock = threading.Lock()
@@ -47,7 +50,7 @@ class QueryResolver:
     def _get_runner(self) -> Runner:
         with self._runner_lock:
             if self._runner is None:
-                self._runner = make_runner(self.descriptor, self.engine)
+                self._runner = make_runner(self.descriptor, self.engine, **self.engine_options)
             return self._runner
 
     def describe(self, image: Image.Image | bytes | str | os.PathLike) -> np.ndarray:

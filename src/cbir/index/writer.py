@@ -182,7 +182,8 @@ class IndexWriter:
             changed: list[Todo] = []
             batches = iter_extract(
                 idx.descriptor, [t.path for t in todo], batch_size=opts.batch_size, workers=opts.workers,
-                max_pixels=opts.max_pixels, engine=idx.engine, progress=opts.progress, desc="indexing",
+                max_pixels=opts.max_pixels, engine=idx.engine, **idx.engine_options, progress=opts.progress,
+                desc="indexing",
             )  # fmt: skip
             for batch in batches:
                 faults.point("extract.batch")

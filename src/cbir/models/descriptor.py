@@ -48,6 +48,7 @@ class Descriptor(nn.Module):
         scales: tuple[float, ...] | list[float] = (1.0,),
         ms_power: float | None = None,
         meta: dict[str, Any] | None = None,
+        numerics: dict[str, str] | None = None,
     ) -> None:
         super().__init__()
         if not scales or any(s <= 0 for s in scales):
@@ -59,6 +60,10 @@ class Descriptor(nn.Module):
         self.scales = tuple(float(s) for s in scales)
         self.ms_power = ms_power
         self.meta: dict[str, Any] = dict(meta or {})
+        #: None for float32 vectors (torch and onnx agree to cosine 0.9999); else what makes
+        #: them differ, e.g. ``{"engine": "onnx-int8", "calibration": DIGEST}``. Part of the
+        #: identity, so an index never mixes vectors of two numerics (see cbir.runtime).
+        self.numerics: dict[str, str] | None = dict(numerics) if numerics else None
         if whitening is not None and whitening.in_dim != self.pooled_dim:
             raise ValueError(f"whitening expects {whitening.in_dim}-d input but pooling gives {self.pooled_dim}")
 
@@ -126,11 +131,22 @@ class Descriptor(nn.Module):
             h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
         return h.hexdigest()
 
-    def identity(self) -> str:
-        """Fingerprint of architecture, preprocessing and weights: equal iff same vectors."""
+    def base_identity(self) -> str:
+        """Fingerprint of architecture, preprocessing and weights, whatever the numerics:
+        what the float32 graph (and its ONNX export) depends on."""
         spec = self.spec()
         spec.pop("whitening", None)  # covered by the weights digest (its buffers)
         blob = json.dumps(spec, sort_keys=True).encode() + self.weights_digest().encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def identity(self) -> str:
+        """Fingerprint of everything that decides the vectors: equal iff same vectors.
+        Float32 descriptors keep the identity they always had; other numerics (the int8
+        engine) change it."""
+        base = self.base_identity()
+        if not self.numerics:
+            return base
+        blob = base.encode() + json.dumps(self.numerics, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
     def describe_name(self) -> str:
@@ -146,6 +162,8 @@ class Descriptor(nn.Module):
             parts.append("ms" + "+".join(f"{s:.3g}" for s in self.scales))
         if self.whitening is not None:
             parts.append(f"{self.whitening.meta.get('kind', 'w')}{self.whitening.out_dim}")
+        if self.numerics:
+            parts.append(self.numerics.get("engine", "numerics"))
         return "/".join(parts)
 
     def save(self, path: str | os.PathLike) -> None:
@@ -161,6 +179,7 @@ class Descriptor(nn.Module):
             "whitening": self.whitening.state() if self.whitening is not None else None,
             "state_dict": {k: v for k, v in self.state_dict().items() if not k.startswith("whitening.")},
             "meta": self.meta,
+            "numerics": self.numerics,
         }
         atomic_torch_save(payload, path)
 
@@ -187,6 +206,7 @@ class Descriptor(nn.Module):
             scales=obj.get("scales", [1.0]),
             ms_power=obj.get("ms_power"),
             meta=obj.get("meta", {}),
+            numerics=obj.get("numerics"),
         )
         missing, unexpected = desc.load_state_dict(obj["state_dict"], strict=False)
         missing = [k for k in missing if not k.startswith("whitening.")]

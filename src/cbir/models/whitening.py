@@ -37,6 +37,23 @@ class Whitening(nn.Module):
             raise ValueError("projection and mean disagree on the input dimension")
         self.meta = dict(meta or {})
 
+    def set_learnable(self, learnable: bool = True) -> Whitening:
+        """Make the shift and projection trainable parameters (or fixed buffers again).
+
+        Gordo et al. (2017) train R-MAC's region PCA-whitening end to end as a shift and a
+        fully connected layer. Either way the tensors keep their names, so a state dict
+        saved from one loads into the other.
+        """
+        for name in ("mean", "projection"):
+            t = getattr(self, name).detach().clone()
+            self._buffers.pop(name, None)
+            self._parameters.pop(name, None)
+            if learnable:
+                self.register_parameter(name, nn.Parameter(t))
+            else:
+                self.register_buffer(name, t)
+        return self
+
     @property
     def in_dim(self) -> int:
         return int(self.projection.shape[1])
@@ -59,7 +76,11 @@ class Whitening(nn.Module):
 
     def state(self) -> dict[str, Any]:
         """A self-contained dict (tensors + meta) for descriptor and whitening files."""
-        return {"mean": self.mean.clone(), "projection": self.projection.clone(), "meta": dict(self.meta)}
+        return {
+            "mean": self.mean.detach().cpu().clone(),
+            "projection": self.projection.detach().cpu().clone(),
+            "meta": dict(self.meta),
+        }
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> Whitening:

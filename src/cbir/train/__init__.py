@@ -9,6 +9,7 @@ from cbir.train.data import (
     load_pairs_csv,
     load_train_data,
     split_by_class,
+    with_holdout,
 )
 from cbir.train.losses import DEFAULT_MARGINS, contrastive_loss, triplet_loss, tuple_loss
 from cbir.train.mining import EpochTuples, mine_epoch, nearest_other_class, sample_queries
@@ -49,4 +50,5 @@ __all__ = [
     "train",
     "triplet_loss",
     "tuple_loss",
+    "with_holdout",
 ]

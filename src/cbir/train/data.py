@@ -59,9 +59,7 @@ class TrainData:
         if self.pairs is not None:
             self.pairs = np.asarray(self.pairs, dtype=np.int64).reshape(-1, 2)
         if self.class_domains is not None and len(self.class_domains) != len(self.classes):
-            raise TrainDataError(
-                f"{len(self.class_domains)} class domains for {len(self.classes)} classes"
-            )
+            raise TrainDataError(f"{len(self.class_domains)} class domains for {len(self.classes)} classes")
         order = np.argsort(self.labels, kind="stable")
         uniq, starts = np.unique(self.labels[order], return_index=True)
         ends = list(starts[1:]) + [len(order)]
@@ -162,18 +160,14 @@ def load_pairs_csv(path: str | os.PathLike) -> TrainData:
             if not row or all(not c.strip() for c in row):
                 continue
             if len(row) < 3:
-                raise TrainDataError(
-                    f"{path}:{lineno}: expected query,positive,cluster; got {row!r}"
-                )
+                raise TrainDataError(f"{path}:{lineno}: expected query,positive,cluster; got {row!r}")
             q, p, cluster = (c.strip() for c in row[:3])
             try:
                 cid = int(cluster)
             except ValueError:
                 if lineno == 1:
                     continue  # header
-                raise TrainDataError(
-                    f"{path}:{lineno}: cluster id {cluster!r} is not an integer"
-                ) from None
+                raise TrainDataError(f"{path}:{lineno}: cluster id {cluster!r} is not an integer") from None
             ids = []
             for name in (q, p):
                 f = (base / name) if not Path(name).is_absolute() else Path(name)
@@ -183,9 +177,7 @@ def load_pairs_csv(path: str | os.PathLike) -> TrainData:
                     index[f] = len(labels)
                     labels.append(cid)
                 elif labels[index[f]] != cid:
-                    raise TrainDataError(
-                        f"{path}:{lineno}: {f} is in clusters {labels[index[f]]} and {cid}"
-                    )
+                    raise TrainDataError(f"{path}:{lineno}: {f} is in clusters {labels[index[f]]} and {cid}")
                 ids.append(index[f])
             if ids[0] == ids[1]:
                 raise TrainDataError(f"{path}:{lineno}: query and positive are the same image")
@@ -254,6 +246,34 @@ def split_by_class(
     return data.subset(np.flatnonzero(~is_val)), data.subset(np.flatnonzero(is_val))
 
 
+def with_holdout(val: TrainData | None, holdout: TrainData) -> TrainData:
+    """Validation data with ``holdout`` (data never trained on) added as domains of its own.
+
+    The validation score is the mean over domains, so a domain the training data does not
+    cover weighs as much as one it does: fine-tuning that forgets it scores lower.
+    """
+    h_domains = holdout.class_domains or [Path(holdout.source).name or "holdout"] * len(holdout.classes)
+    h_domains = [f"holdout:{d}" for d in h_domains]
+    if val is None:
+        return TrainData(
+            files=list(holdout.files), labels=holdout.labels.copy(), classes=list(holdout.classes),
+            source=holdout.source, class_domains=h_domains,
+        )  # fmt: skip
+    v_labels, v_classes, v_domains = val.labels, list(val.classes), val.class_domains
+    if len(v_labels) and v_labels.max() >= len(v_classes):  # a CSV's cluster ids need not be 0..n-1
+        uniq, v_labels = np.unique(val.labels, return_inverse=True)
+        v_classes, v_domains = [str(u) for u in uniq], None
+    v_domains = v_domains or ["train"] * len(v_classes)
+    offset = len(v_classes)
+    return TrainData(
+        files=[*val.files, *holdout.files],
+        labels=np.concatenate([v_labels, holdout.labels + offset]),
+        classes=[*v_classes, *(f"holdout:{c}" for c in holdout.classes)],
+        source=f"{val.source}+holdout:{holdout.source}",
+        class_domains=[*v_domains, *h_domains],
+    )
+
+
 class ImageCache:
     """Decoded, resized uint8 images kept in memory, keyed by (file, preprocessing).
 
@@ -272,9 +292,7 @@ class ImageCache:
         arr = self._store.get(key)
         if arr is None:
             try:
-                img = load_image(
-                    path, max_pixels=self.max_pixels, target_size=preprocess.resized_size
-                )
+                img = load_image(path, max_pixels=self.max_pixels, target_size=preprocess.resized_size)
             except DecodeError as exc:
                 raise TrainDataError(f"cannot use training image: {exc}") from exc
             arr = preprocess.to_array(img)

@@ -36,15 +36,19 @@ from cbir.eval.gpr1200 import evaluate_labelled
 from cbir.fileio import atomic_torch_save
 from cbir.models.backbones import DEFAULT_BACKBONE
 from cbir.models.descriptor import Descriptor, build_descriptor
-from cbir.models.pooling import build_pooling, parse_pooling
-from cbir.models.whitening import Whitening, fit_learned_whitening, pairs_from_labels
+from cbir.models.pooling import RMAC, build_pooling, parse_pooling
+from cbir.models.whitening import Whitening, fit_learned_whitening, fit_pca_whitening, pairs_from_labels
+from cbir.runtime.device import DEVICES, resolve_device
 from cbir.train.augment import augment_array
-from cbir.train.data import ImageCache, TrainData, TrainDataError, split_by_class
+from cbir.train.data import ImageCache, TrainData, TrainDataError, split_by_class, with_holdout
+from cbir.train.interpolation import AUTO_ALPHAS, choose_alpha, interpolate_state, parse_interpolate
 from cbir.train.losses import DEFAULT_MARGINS, LOSSES, tuple_loss
 from cbir.train.mining import SAMPLINGS, EpochTuples, mine_epoch
 
 CHECKPOINT_FORMAT = "cbir-train-checkpoint"
 CHECKPOINT_VERSION = 1
+#: Training images whose regions initialise R-MAC's region whitening (PCA; Gordo et al. 2017).
+REGION_WHITENING_IMAGES = 200
 #: Per-epoch learning-rate decay of Radenovic et al. (cirtorch's ``exp(-0.01)``).
 RADENOVIC_LR_DECAY = math.exp(-0.01)
 
@@ -80,8 +84,16 @@ class TrainConfig:
     keep: str = "best"  # 'best' (highest validation mAP) or 'last'
     time_limit: float | None = None  # seconds; stop before an epoch that would overrun
     patience: int | None = None  # stop after this many epochs without a better validation mAP
+    #: WiSE-FT weight of the fine-tuned network (0 = off the shelf, 1 = fine-tuned), 'auto' =
+    #: chosen on validation, None = no interpolation
+    interpolate: float | str | None = None
+    device: str = "auto"  # where training runs: auto (a GPU torch sees, else the CPU), cpu, cuda
+    recipe: str | None = None  # the recipe the unset settings came from (cbir.train.recipes), for the record
 
     def __post_init__(self) -> None:
+        self.interpolate = parse_interpolate(self.interpolate)
+        if self.device not in DEVICES:
+            raise ValueError(f"unknown device {self.device!r}: use one of {', '.join(DEVICES)}")
         if self.sampling not in SAMPLINGS:
             raise ValueError(f"unknown sampling {self.sampling!r}: choose from {list(SAMPLINGS)}")
         if self.loss not in LOSSES:
@@ -164,7 +176,14 @@ def build_training_descriptor(config: TrainConfig) -> Descriptor:
         if "p" not in spec and old.get("name") == spec["name"] and os.path.isfile(config.model):
             spec["p"] = float(old["p"])
         spec["learnable"] = True
-    desc.pooling = build_pooling(spec)
+    old_rmac = desc.pooling if isinstance(desc.pooling, RMAC) else None
+    if not (
+        spec["name"] == "rmac"
+        and old_rmac is not None
+        and old_rmac.region_whitening is not None
+        and spec.get("levels", old_rmac.levels) == old_rmac.levels
+    ):  # a descriptor file's trained R-MAC (region whitening included) is fine-tuned further as it is
+        desc.pooling = build_pooling(spec)
     desc.whitening = None
     desc.meta = {**desc.meta, "inference_scales": list(desc.scales)}
     desc.scales = (1.0,)
@@ -195,8 +214,13 @@ def freeze_leading(desc: Descriptor, fraction: float) -> int:
 
 def parameter_groups(desc: Descriptor, config: TrainConfig) -> list[dict[str, Any]]:
     """Backbone weights at ``lr`` with weight decay; pooling parameters (GeM's p) at
-    ``p_lr_mult * lr`` without weight decay (Radenovic et al. 2018)."""
-    pool_params = [p for p in desc.pooling.parameters() if p.requires_grad]
+    ``p_lr_mult * lr`` without weight decay (Radenovic et al. 2018); R-MAC's region
+    whitening (shift + projection, Gordo et al. 2017) at ``lr`` without weight decay (the
+    regions are L2-normalised after it, so its scale is free and decay would only shrink it)."""
+    rw = getattr(desc.pooling, "region_whitening", None)
+    rw_params = [p for p in rw.parameters() if p.requires_grad] if rw is not None else []
+    rw_ids = {id(p) for p in rw_params}
+    pool_params = [p for p in desc.pooling.parameters() if p.requires_grad and id(p) not in rw_ids]
     backbone = [p for p in desc.backbone.parameters() if p.requires_grad]
     groups: list[dict[str, Any]] = [
         {
@@ -215,6 +239,8 @@ def parameter_groups(desc: Descriptor, config: TrainConfig) -> list[dict[str, An
                 "name": "pooling",
             }
         )
+    if rw_params:
+        groups.append({"params": rw_params, "lr": config.lr, "weight_decay": 0.0, "name": "region_whitening"})
     return groups
 
 
@@ -261,12 +287,19 @@ class Trainer:
         self.cache = cache or ImageCache()
         tune_allocator()  # activations of every step would otherwise be page-faulted in anew
         torch.manual_seed(config.seed)
+        self.device = torch.device(resolve_device(config.device, "torch"))
         self.desc = build_training_descriptor(config)
         freeze_leading(self.desc, config.freeze)
         self.infer_pre = self.desc.preprocess
-        self.train_pre = (
-            self.infer_pre.override(size=config.image_size) if config.image_size else self.infer_pre
-        )
+        self.train_pre = self.infer_pre.override(size=config.image_size) if config.image_size else self.infer_pre
+        self.desc.to(self.device)
+        if isinstance(self.desc.pooling, RMAC):
+            if self.desc.pooling.region_whitening is None:
+                self.desc.pooling.set_region_whitening(self.fit_region_whitening())
+            self.desc.pooling.region_whitening.set_learnable(True)
+            self.desc.to(self.device)
+        #: the network before fine-tuning: one end of --interpolate's line
+        self.initial_state = {k: v.detach().clone() for k, v in self.desc.state_dict().items()}
         self.optimizer, self.scheduler = build_optimizer(self.desc, config)
         self.loss_fn = tuple_loss(config.loss, config.margin)
         self.epoch = 0
@@ -275,9 +308,7 @@ class Trainer:
         self.last_val_domains: dict[str, float] | None = None
 
     # -- describing ------------------------------------------------------------------------
-    def embed(
-        self, data: TrainData, indices: np.ndarray, preprocess, desc_text: str = "describing"
-    ) -> np.ndarray:
+    def embed(self, data: TrainData, indices: np.ndarray, preprocess, desc_text: str = "describing") -> np.ndarray:
         """L2-normalised descriptors of ``data.files[indices]`` with the current weights."""
         self.desc.eval()
         indices = np.asarray(indices, dtype=np.int64)
@@ -293,8 +324,8 @@ class Trainer:
             for rows in by_shape.values():
                 for s in range(0, len(rows), 32):
                     part = rows[s : s + 32]
-                    x = preprocess.normalize(torch.from_numpy(np.stack([arrays[j] for j in part])))
-                    out[part] = self.desc(x).float().numpy()
+                    x = torch.from_numpy(np.stack([arrays[j] for j in part])).to(self.device)
+                    out[part] = self.desc(preprocess.normalize(x)).float().cpu().numpy()
                     bar.update(len(part))
         bar.close()
         return out
@@ -350,12 +381,11 @@ class Trainer:
         arrays = [self.cache.get(self.train_data.files[i], self.train_pre) for i in imgs]
         if self.config.augment:
             arrays = [augment_array(a) for a in arrays]
+        dev = self.device
         if len({a.shape for a in arrays}) == 1:
-            vecs = self.desc(self.train_pre.normalize(torch.from_numpy(np.stack(arrays))))
+            vecs = self.desc(self.train_pre.normalize(torch.from_numpy(np.stack(arrays)).to(dev)))
         else:  # 'keep' preprocessing: images of different shapes go one by one
-            vecs = torch.cat(
-                [self.desc(self.train_pre.normalize(torch.from_numpy(a[None]))) for a in arrays]
-            )
+            vecs = torch.cat([self.desc(self.train_pre.normalize(torch.from_numpy(a[None]).to(dev))) for a in arrays])
         qs, ps, ns, masks = [], [], [], []
         pos = 0
         for r in rows:
@@ -366,7 +396,7 @@ class Trainer:
             if n_valid < k:  # pad with the query itself, masked out of the loss
                 neg = torch.cat([neg, vecs[pos : pos + 1].expand(k - n_valid, -1)])
             ns.append(neg)
-            masks.append(torch.arange(k) < n_valid)
+            masks.append(torch.arange(k, device=vecs.device) < n_valid)
             pos += 2 + n_valid
         return self.loss_fn(torch.stack(qs), torch.stack(ps), torch.stack(ns), torch.stack(masks))
 
@@ -431,6 +461,9 @@ class Trainer:
         state = load_checkpoint_file(path)
         self.desc.pooling = build_pooling(state["pooling"])
         self.desc.load_state_dict(state["model"])
+        if isinstance(self.desc.pooling, RMAC) and self.desc.pooling.region_whitening is not None:
+            self.desc.pooling.region_whitening.set_learnable(True)
+        self.desc.to(self.device)
         self.optimizer, self.scheduler = build_optimizer(self.desc, self.config)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -537,11 +570,12 @@ class Trainer:
             out.load_state_dict(self.best["model"])
             best_epoch = int(self.best["epoch"])
             self.log(f"keeping epoch {best_epoch} (best validation mAP {self.best['val_map']:.4f})")
+        alpha, alpha_scores = self.interpolate()
         out.scales = tuple(out.meta.pop("inference_scales", [1.0]))
         out.eval()
         w_val = None
         if c.whiten:
-            out.whitening = self.fit_whitening()
+            out.whitening = self.fit_whitening().to(self.device)
             if self.val_data is not None:
                 w_val = self.validate()
                 self.log(f"validation mAP with learned whitening: {w_val:.4f}")
@@ -553,10 +587,61 @@ class Trainer:
                 "images": len(self.train_data),
                 "history": [h.to_dict() for h in self.history],
                 "kept_epoch": best_epoch,
+                "interpolation": None if alpha is None else {"alpha": alpha, "validation": alpha_scores},
                 "seconds": round(seconds, 1),
             },
         }
-        return TrainResult(out, list(self.history), best_epoch, seconds, w_val, stopped)
+        out.to("cpu")
+        extra = {} if alpha is None else {"alpha": alpha, "alpha_scores": alpha_scores}
+        return TrainResult(out, list(self.history), best_epoch, seconds, w_val, stopped, extra)
+
+    def interpolate(self) -> tuple[float | None, dict[str, float]]:
+        """Apply ``config.interpolate`` (WiSE-FT) to the kept network: a given weight, or the
+        candidate of :data:`AUTO_ALPHAS` with the best validation mAP. Returns the weight used
+        and the validation mAP of each weight tried ({} for a given weight)."""
+        mode = self.config.interpolate
+        if mode is None:
+            return None, {}
+        tuned = {k: v.detach().clone() for k, v in self.desc.state_dict().items()}
+        if mode == "auto":
+            if self.val_data is None:
+                raise TrainDataError("--interpolate auto needs validation data (--val, --val-fraction or --holdout)")
+
+            def score(a: float) -> float | None:
+                self.desc.load_state_dict(interpolate_state(self.initial_state, tuned, a))
+                return self.validate()
+
+            alpha, scores = choose_alpha(score, AUTO_ALPHAS)
+            self.log(
+                "interpolation (validation mAP by weight of the fine-tuned network): "
+                + ", ".join(f"{a:g} {s:.4f}" for a, s in scores.items())
+                + f"; using {alpha:g}"
+            )
+        else:
+            alpha, scores = float(mode), {}
+        self.desc.load_state_dict(interpolate_state(self.initial_state, tuned, alpha))
+        return alpha, {f"{a:g}": round(s, 6) for a, s in scores.items()}
+
+    def fit_region_whitening(self) -> Whitening:
+        """R-MAC's region whitening initialised as Gordo et al. do: PCA of the L2-normalised
+        region vectors of (up to :data:`REGION_WHITENING_IMAGES`) training images, then trained
+        with the rest of the network as a shift + projection layer."""
+        data = self.train_data
+        rng = np.random.default_rng([self.config.seed, 7])
+        pick = np.sort(rng.choice(len(data), size=min(REGION_WHITENING_IMAGES, len(data)), replace=False))
+        pooling = self.desc.pooling
+        self.desc.eval()
+        chunks = []
+        with torch.inference_mode():
+            for i in pick:
+                arr = self.cache.get(data.files[i], self.infer_pre)
+                x = self.infer_pre.normalize(torch.from_numpy(np.array(arr[None])).to(self.device))
+                chunks.append(pooling.regions(self.desc.backbone(x))[0].float().cpu().numpy())
+        regions = np.concatenate(chunks)
+        w = fit_pca_whitening(regions, source=data.source)
+        w.meta.update({"kind": "pca-regions", "images": len(pick), "regions": int(len(regions)), "trained": True})
+        self.log(f"region whitening initialised by PCA on {len(regions)} regions of {len(pick)} training images")
+        return w.to(self.device)
 
     def fit_whitening(self) -> Whitening:
         """Radenovic et al.'s learned whitening, on the training images only."""
@@ -587,6 +672,7 @@ def train(
     resume: str | os.PathLike | None = None,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
+    holdout: TrainData | None = None,
 ) -> TrainResult:
     """Fine-tune ``config.model`` on ``data`` and (if ``out``) write the descriptor file.
 
@@ -594,16 +680,20 @@ def train(
     (0 disables it). With ``resume``, the checkpoint's configuration is used, except the
     stopping rules (``epochs``, ``time_limit``, ``patience``), which do not change what an
     epoch computes: a finished run may be extended, a running one stopped early.
+
+    ``holdout`` is data that is never trained on and is added to validation as domains of
+    its own, so model selection (the kept epoch, ``interpolate="auto"``) sees what fine-tuning
+    costs outside the training data's domains.
     """
     if resume is not None:
         saved = TrainConfig.from_dict(load_checkpoint_file(resume)["config"])
         saved.epochs, saved.time_limit = config.epochs, config.time_limit
-        saved.patience = config.patience
+        saved.patience, saved.device = config.patience, config.device
         config = saved
     if val is None and config.val_fraction > 0:
-        data, val = split_by_class(
-            data, config.val_fraction, config.seed, stratify=config.stratify
-        )
+        data, val = split_by_class(data, config.val_fraction, config.seed, stratify=config.stratify)
+    if holdout is not None:
+        val = with_holdout(val, holdout)
     if val is not None and len(np.unique(val.labels)) < 2:
         raise TrainDataError("validation data needs at least two classes")
     trainer = Trainer(config, data, val, progress=progress, log=log)
@@ -637,9 +727,7 @@ def default_checkpoint_dir(out: str | os.PathLike) -> Path:
 def _bar(total: int, desc: str, unit: str, enabled: bool):
     from tqdm.auto import tqdm
 
-    return tqdm(
-        total=total, desc=desc, unit=unit, disable=not enabled, dynamic_ncols=True, leave=False
-    )
+    return tqdm(total=total, desc=desc, unit=unit, disable=not enabled, dynamic_ncols=True, leave=False)
 
 
 def _np_state() -> dict[str, Any]:

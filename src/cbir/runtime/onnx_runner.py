@@ -1,8 +1,8 @@
-"""Inference engines beyond torch eager: the ONNX Runtime engine.
+"""The ONNX Runtime engine (fp32).
 
-``onnx_runner(descriptor)`` returns the same kind of callable as
-:func:`cbir.extract.torch_runner` (uint8 B x H x W x 3 -> float32 B x D). The first call
-for a descriptor exports it (see :mod:`cbir.engine.export`) into a cache keyed by
+``onnx_runner(descriptor)`` returns a :class:`~cbir.runtime.runner.Runner` like
+:func:`cbir.runtime.torch_runner.torch_runner`. The first call for a descriptor exports
+it (see :mod:`cbir.runtime.export`) into a cache keyed by
 :meth:`~cbir.models.descriptor.Descriptor.identity`; later calls, in any process, load
 the cached file. ONNX Runtime's CPU kernels are several times faster than torch eager
 for small CNNs such as EfficientNet-Lite at batch sizes of a few dozen.
@@ -13,26 +13,16 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from cbir.engine.export import (
-    MIN_COSINE,
-    EngineUnavailable,
-    ExportInfo,
-    cache_key,
-    default_cache_dir,
-    export_onnx,
-    graph_kind,
-    make_session,
-    run_session,
-    usable_cores,
-)
 from cbir.models.descriptor import Descriptor
-
-Runner = Callable[[np.ndarray], np.ndarray]
+from cbir.runtime.device import resolve_device
+from cbir.runtime.export import ExportInfo, cache_key, default_cache_dir, export_onnx
+from cbir.runtime.runner import EngineUnavailable, Runner
+from cbir.runtime.session import make_session, run_session
 
 
 def onnx_available() -> bool:
@@ -54,7 +44,7 @@ def cached_model(
     (that verdict is cached too, so the check is not repeated on every run).
     """
     if not onnx_available():
-        raise EngineUnavailable("onnxruntime is not installed (pip install onnxruntime)")
+        raise EngineUnavailable("onnxruntime is not installed (pip install 'cbir[onnx]')")
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     path = root / f"{cache_key(descriptor)}.onnx"
     meta = path.with_suffix(".json")
@@ -80,6 +70,43 @@ def cached_model(
     return path, info
 
 
+def session_runner(
+    descriptor: Descriptor, path: Path, info: ExportInfo, *, engine: str, device: str,
+    threads: int | None, spinning: bool,
+) -> Runner:
+    """A :class:`Runner` over the ONNX file ``path`` (fp32 or int8: same inputs and outputs)."""
+    where = resolve_device(device, engine)
+    try:
+        session = make_session(path, threads=threads, spinning=spinning, device=where)
+    except EngineUnavailable:
+        raise
+    except Exception as exc:  # a damaged cache file: say which one to delete
+        if type(exc).__name__ == "DeviceUnavailable":
+            raise
+        raise EngineUnavailable(f"cannot load {path} ({exc}); delete it to re-export") from exc
+    descriptor.eval()
+    size = tuple(info.input_size) if info.input_size else None
+
+    fallback: Runner | None = None
+
+    def run(batch: np.ndarray) -> np.ndarray:
+        nonlocal fallback
+        if size is not None and tuple(batch.shape[1:3]) != size:
+            # the resize policy always gives `size`; only a caller passing its own arrays
+            # gets here. fp32 vectors are torch's, so torch serves them; int8 vectors are
+            # not, and mixing the two in one result is what the identity exists to prevent
+            if engine != "onnx":
+                raise ValueError(f"the {engine} graph takes {size[0]} x {size[1]} images, got {batch.shape[1:3]}")
+            if fallback is None:
+                from cbir.runtime.torch_runner import torch_runner
+
+                fallback = torch_runner(descriptor, device=where)
+            return fallback(batch)
+        return run_session(session, descriptor, batch)
+
+    return Runner(run, engine=engine, device=where, providers=list(session.get_providers()))
+
+
 def onnx_runner(
     descriptor: Descriptor,
     *,
@@ -87,6 +114,8 @@ def onnx_runner(
     cache_dir: str | os.PathLike | None = None,
     spinning: bool = False,
     verbose: bool = True,
+    device: str = "cpu",
+    **_: Any,
 ) -> Runner:
     """Run ``descriptor`` with ONNX Runtime (fp32, all graph optimisations).
 
@@ -94,40 +123,4 @@ def onnx_runner(
     workers run beside them because ORT threads sleep instead of spinning while idle).
     """
     path, info = cached_model(descriptor, cache_dir, verbose=verbose)
-    try:
-        session = make_session(path, threads=threads, spinning=spinning)
-    except Exception as exc:  # a damaged cache file: say which one to delete
-        raise EngineUnavailable(f"cannot load {path} ({exc}); delete it to re-export") from exc
-    descriptor.eval()
-    size = tuple(info.input_size) if info.input_size else None
-    fallback: Runner | None = None
-
-    def run(batch: np.ndarray) -> np.ndarray:
-        nonlocal fallback
-        if size is not None and tuple(batch.shape[1:3]) != size:
-            # a fixed-size graph and an image of another size (the resize policy always
-            # gives `size`, so only a caller passing its own arrays gets here): torch
-            if fallback is None:
-                from cbir.extract import torch_runner
-
-                fallback = torch_runner(descriptor)
-            return fallback(batch)
-        return run_session(session, descriptor, batch)
-
-    run.engine = "onnx"  # type: ignore[attr-defined]
-    return run
-
-
-__all__ = [
-    "MIN_COSINE",
-    "EngineUnavailable",
-    "ExportInfo",
-    "cache_key",
-    "cached_model",
-    "default_cache_dir",
-    "export_onnx",
-    "graph_kind",
-    "onnx_available",
-    "onnx_runner",
-    "usable_cores",
-]
+    return session_runner(descriptor, path, info, engine="onnx", device=device, threads=threads, spinning=spinning)

@@ -51,21 +51,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cbir.errors import CbirError
-from cbir.extract import usable_cores
 from cbir.fileio import atomic_write_bytes, atomic_write_text
 from cbir.models.descriptor import Descriptor
 from cbir.models.pooling import RMAC, RGeM
+from cbir.runtime.runner import EngineUnavailable
+from cbir.runtime.session import features_head, make_session, run_session
 
 #: Bumped whenever the exported graph changes, so stale cache entries are not reused.
 EXPORT_VERSION = 2
 OPSET = 17
 #: Minimum cosine between ONNX Runtime's and torch's descriptor of one image.
 MIN_COSINE = 0.9999
-
-
-class EngineUnavailable(CbirError, RuntimeError):
-    """The ONNX engine cannot serve this descriptor (the caller should use torch)."""
 
 
 # ----------------------------------------------------------------------------------------
@@ -246,18 +242,6 @@ class ExportGraph(nn.Module):
         return tuple(maps)
 
 
-def features_head(descriptor: Descriptor, maps: list[np.ndarray]) -> np.ndarray:
-    """Pool per-scale feature maps exactly as :meth:`Descriptor.pooled` does, then whiten."""
-    from cbir.models.pooling import l2n, multiscale_combine
-
-    with torch.inference_mode():
-        vectors = [l2n(descriptor.pooling(torch.from_numpy(m))) for m in maps]
-        v = l2n(multiscale_combine(vectors, descriptor.multiscale_power))
-        if descriptor.whitening is not None:
-            v = descriptor.whitening(v)
-        return v.float().numpy()
-
-
 # ----------------------------------------------------------------------------------------
 # cache
 # ----------------------------------------------------------------------------------------
@@ -275,7 +259,7 @@ def cache_key(descriptor: Descriptor) -> str:
     kind = graph_kind(descriptor)
     versions = f"{EXPORT_VERSION}/{OPSET}/{torch.__version__}/{kind}"
     tag = hashlib.sha256(versions.encode()).hexdigest()[:8]
-    return f"{descriptor.identity()}-{kind}-{tag}"
+    return f"{descriptor.base_identity()}-{kind}-{tag}"
 
 
 @dataclass
@@ -418,38 +402,3 @@ def export_onnx(descriptor: Descriptor, path: str | os.PathLike) -> ExportInfo:
         atomic_write_bytes(path, model_bytes)
     atomic_write_text(path.with_suffix(".json"), info.to_json())
     return info
-
-
-# ----------------------------------------------------------------------------------------
-# ONNX Runtime sessions
-# ----------------------------------------------------------------------------------------
-def make_session(
-    model: bytes | str | os.PathLike, *, threads: int | None, spinning: bool = False
-) -> Any:
-    """An ONNX Runtime CPU session: all graph optimisations, ``threads`` intra-op threads.
-
-    Spinning is off by default: ORT's idle threads would otherwise busy-wait between
-    batches and take the cores away from the decode workers (the oversubscription that
-    shows up as system time).
-    """
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.intra_op_num_threads = threads or usable_cores()
-    so.inter_op_num_threads = 1
-    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
-    so.add_session_config_entry("session.inter_op.allow_spinning", "0")
-    so.log_severity_level = 3
-    src = model if isinstance(model, bytes) else os.fspath(model)
-    return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
-
-
-def run_session(session: Any, descriptor: Descriptor, images: np.ndarray) -> np.ndarray:
-    """uint8 B x H x W x 3 -> float32 B x D through ``session`` (pooling in torch for
-    ``features`` graphs)."""
-    outs = session.run(None, {"images": np.ascontiguousarray(images, dtype=np.uint8)})
-    if len(outs) == 1 and outs[0].ndim == 2:
-        return np.asarray(outs[0], dtype=np.float32)
-    return features_head(descriptor, outs)

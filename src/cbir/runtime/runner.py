@@ -1,0 +1,41 @@
+"""What every engine returns: a callable that says which engine and device actually ran.
+
+A runner maps a uint8 batch (B x H x W x 3, what the decode workers produce) to float32
+descriptors (B x D). It carries ``engine`` and ``device`` (and, for ONNX Runtime, the
+execution providers the session really got), so callers and tests can check that the
+engine they asked for is the one that ran rather than a silent fallback.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from cbir.errors import CbirError
+
+#: The inference engines, by the name ``--engine`` takes.
+ENGINES = ("torch", "onnx", "onnx-int8")
+
+
+class EngineUnavailable(CbirError, RuntimeError):
+    """An engine cannot serve this descriptor (for ``onnx``, the caller may use torch)."""
+
+    code = "engine_unavailable"
+
+
+@dataclass
+class Runner:
+    """uint8 B x H x W x 3 -> float32 B x D, labelled with what runs it."""
+
+    fn: Callable[[np.ndarray], np.ndarray]
+    #: the engine that runs (``torch``, ``onnx`` or ``onnx-int8``)
+    engine: str
+    #: ``cpu`` or ``cuda``
+    device: str = "cpu"
+    #: ONNX Runtime execution providers of the session, in priority order (empty for torch)
+    providers: list[str] = field(default_factory=list)
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        return self.fn(batch)
