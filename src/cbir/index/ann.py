@@ -61,10 +61,11 @@ MAX_TRAIN_SAMPLE = 300_000
 #: allocator's slack and the catalogue).
 BUDGET_SHARE = 0.9
 #: Candidates re-ranked on the refinement copy per result wanted. Re-ranking is cheap
-#: (640 SQ8 vectors for a top 10, well under a millisecond) and 4-bit codes order close
-#: neighbours poorly: on synthetic descriptors at 200k and 1M, 16 lost 4-9 points of
-#: recall@10 against 64 at the same nprobe (docs/benchmarks/2026-12-03-ann-1m.md).
-DEFAULT_K_FACTOR = 64.0
+#: next to the scan (1,280 SQ8 vectors for a top 10, ~0.2 ms more than 640 at a million)
+#: and 4-bit codes order close neighbours poorly: on 1M synthetic descriptors at nprobe
+#: 128 of 1,024, recall@10 was 0.905 with 32, 0.933 with 64, 0.957 with 128
+#: (docs/benchmarks/2026-12-03-ann-1m.md).
+DEFAULT_K_FACTOR = 128.0
 #: Share of the inverted lists a query visits. Descriptors' near neighbours straddle
 #: cells: on synthetic descriptors at 200k (IVF512, exact vectors in the lists) visiting
 #: 1/16 of the lists found 0.96 of the true top 10, 1/8 0.98, 1/4 0.997.
