@@ -16,7 +16,7 @@ from rich.table import Table
 
 from cbir.cli import output
 from cbir.cli.commands import app
-from cbir.cli.mine_cmds import GeometryOpt, MinInliersOpt, NeighboursOpt, VerifyOpt, report_text, run_mining
+from cbir.cli.mining import NEIGHBOURS, GeometryOpt, MinInliersOpt, NeighboursOpt, VerifyOpt, report_text, run_mining
 from cbir.cli.options import QuietOpt
 
 RECIPE_HELP = (
@@ -54,7 +54,7 @@ def train_cmd(
     verify: VerifyOpt = "sift",
     geometry: GeometryOpt = "homography",
     min_inliers: MinInliersOpt = None,
-    neighbours: NeighboursOpt = 5,
+    neighbours: NeighboursOpt = NEIGHBOURS,
     model: Annotated[
         str | None,
         typer.Option("--model", "-m", help="Backbone (efficientnet-lite0/1/2, timm:<name>) or a descriptor file."),

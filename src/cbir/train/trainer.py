@@ -486,6 +486,12 @@ class Trainer:
             self._update_best(val)
             if val is not None:
                 self.log(f"epoch 0 (off the shelf): validation mAP {val:.4f}{self._domains_text()}")
+                if val >= 1.0 and c.keep == "best":
+                    self.log(
+                        "warning: validation is already perfect off the shelf (e.g. held-out clusters of "
+                        "near-duplicates), so it cannot choose an epoch and 'best' keeps epoch 0: give "
+                        "--holdout DIR (other data), --val DIR or --keep last"
+                    )
         stopped = False
         while self.epoch < c.epochs:
             epoch = self.epoch + 1
