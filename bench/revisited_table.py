@@ -48,9 +48,9 @@ class Config:
 
 POSTS: list[tuple[str, str, PostProcessing]] = [
     ("", "", PostProcessing()),
-    ("+ alpha-QE", "--qe 2,3", PostProcessing(qe_k=2, qe_alpha=3.0)),
-    ("+ alpha-DBA", "--dba 2,3", PostProcessing(dba_k=2, dba_alpha=3.0)),
-    ("+ alpha-DBA + alpha-QE", "--dba 2,3 --qe 2,3", PostProcessing(qe_k=2, dba_k=2)),
+    ("+ alpha-QE", "--qe 2 --qe-alpha 3", PostProcessing(qe_k=2, qe_alpha=3.0)),
+    ("+ alpha-DBA", "--dba 2 --dba-alpha 3", PostProcessing(dba_k=2, dba_alpha=3.0)),
+    ("+ alpha-DBA + alpha-QE", "--dba 2 --dba-alpha 3 --qe 2 --qe-alpha 3", PostProcessing(qe_k=2, dba_k=2)),
     ("+ diffusion", "--diffusion", PostProcessing(diffusion=True)),
 ]
 

@@ -1,32 +1,39 @@
-"""Extraction speed on CPU and evaluation at scale (issue 6).
+"""Extraction speed on CPU (issues 6 and 16) and evaluation at scale (issue 6).
 
 Part 1, end-to-end images/s on gpr-mini (EfficientNet-Lite0, GeM, 224 squash, batches
 of 32), every method measured in the same run, round-robin, ``--repeats`` times; the
-medians and their ratios to the naive loop are reported:
+medians and their ratios are reported:
 
 - ``naive``: one process: Pillow open + convert + resize, torch eager, batches of 32,
   run in a child process with glibc's default malloc settings (what a user's script gets);
 - ``naive, tuned malloc``: the same loop in this process, after
-  :func:`cbir.allocator.tune_allocator` (as every in-process method here): without it
-  torch spends more time page-faulting activation buffers than convolving;
-- ``torch``: :func:`cbir.extract.extract` with ``engine="torch"`` (decode workers);
-- ``onnx``: the same with ``engine="onnx"`` (ONNX Runtime; the export is cached first);
-- ``onnx model only``: ONNX Runtime on pre-decoded uint8 batches: the ceiling.
+  :func:`cbir.allocator.tune_allocator` (as every in-process method here);
+- ``torch``, ``onnx``, ``onnx-int8``: :func:`cbir.extract.extract` with that engine
+  (decode workers; the exports and the int8 quantisation are cached first);
+- ``onnx model only``, ``onnx-int8 model only``: the engine's runner on pre-decoded uint8
+  batches: each engine's ceiling.
+
+Then, untimed (``--skip-quality`` to leave out): gpr-mini mAP (all images) and
+rparis-mini Medium mAP (GeM, max side 512, aspect kept) with the fp32 and int8 ONNX
+engines, and the cosine between their vectors (median, 1st percentile); and the
+breakdown of one image's end-to-end time (decode, resize + array, batch transfer between
+processes, model) measured stage by stage in this process.
 
 Part 2, the GPR1200 protocol on synthetic clustered descriptors (10 per class, D dims):
 the blockwise evaluation vs the full-argsort reference at N = 12,000 (same APs
 required), and the blockwise one alone at N = 100,000; each in a fresh process whose
 peak resident memory (ru_maxrss) is reported.
 
-Usage (from the project root; prefix ``nice -n 5`` on a shared machine):
+Usage (from the project root; on a shared machine under ``flock /work/coord/bench.lock``):
     .venv/bin/python bench/speed.py [--gpr ../shared/datasets/gpr-mini] [--limit 1024]
-        [--repeats 3] [--workers N] [--skip-extract] [--skip-eval] [--eval-sizes 12000,100000]
+        [--repeats 3] [--workers N] [--skip-extract] [--skip-quality] [--skip-eval]
 Writes bench/results/speed.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -80,17 +87,24 @@ def _cpu_seconds() -> dict[str, float]:
     return {"user": me.ru_utime + kids.ru_utime, "sys": me.ru_stime + kids.ru_stime}
 
 
+ENGINE_METHODS = ("torch", "onnx", "onnx-int8")
+
+
 def bench_extract(args: argparse.Namespace) -> dict:
     from cbir.allocator import tune_allocator
     from cbir.extract import decoded_batches, default_workers, extract
     from cbir.models import build_descriptor
-    from cbir.runtime.onnx_runner import onnx_runner
+    from cbir.runtime import for_engine, make_runner
 
     tune_allocator()  # every in-process method runs with it (the untuned naive: a child)
     files = bench_files(args.gpr, args.limit)
     desc = build_descriptor()  # efficientnet-lite0, GeM, 224 squash
+    desc8 = for_engine(desc, "onnx-int8", args.calibrate)
     workers = default_workers() if args.workers is None else args.workers
-    run_onnx = onnx_runner(desc)  # exports once (cached), outside the timings
+    # exported / quantised once (cached), outside the timings; the runner says what ran
+    runners = {"onnx": make_runner(desc, "onnx", device="cpu"),
+               "onnx-int8": make_runner(desc8, "onnx-int8", device="cpu", calibrate=args.calibrate)}
+    assert {k: r.engine for k, r in runners.items()} == {"onnx": "onnx", "onnx-int8": "onnx-int8"}
     stream = decoded_batches(files, desc.preprocess, batch_size=args.batch_size, workers=0)
     predecoded = [a for _, a, _ in stream]
 
@@ -107,20 +121,24 @@ def bench_extract(args: argparse.Namespace) -> dict:
         return float(done.stdout.strip().splitlines()[-1])
 
     def t_engine(engine: str) -> float:
-        res = extract(desc, files, engine=engine, workers=workers, batch_size=args.batch_size,
-                      progress=False)
+        d = desc8 if engine == "onnx-int8" else desc
+        res = extract(d, files, engine=engine, device="cpu", calibrate=args.calibrate, workers=workers,
+                      batch_size=args.batch_size, progress=False)
         assert not res.failures
         return res.seconds
 
-    def t_ceiling() -> float:
+    def t_ceiling(engine: str) -> float:
+        run = runners[engine]
         t = time.perf_counter()
         for batch in predecoded:
-            run_onnx(batch)
+            run(batch)
         return time.perf_counter() - t
 
-    methods = {"naive": t_naive, "naive, tuned malloc": t_naive_tuned,
-               "torch": lambda: t_engine("torch"),
-               "onnx": lambda: t_engine("onnx"), "onnx model only": t_ceiling}
+    methods = {"naive": t_naive, "naive, tuned malloc": t_naive_tuned}
+    for engine in ENGINE_METHODS:
+        methods[engine] = functools.partial(t_engine, engine)
+        if engine != "torch":
+            methods[f"{engine} model only"] = functools.partial(t_ceiling, engine)
     times: dict[str, list[float]] = {m: [] for m in methods}
     cpu: dict[str, list[dict[str, float]]] = {m: [] for m in methods}
     for rep in range(args.repeats):  # round-robin: load changes hit every method alike
@@ -131,8 +149,9 @@ def bench_extract(args: argparse.Namespace) -> dict:
             used = {k: after[k] - before[k] for k in after}
             cpu[name].append(used)
             rate = len(files) / times[name][-1]
-            print(f"  repeat {rep + 1}: {name:20s} {rate:8.1f} img/s   "
-                  f"cpu user {used['user']:6.1f} s  sys {used['sys']:5.1f} s", flush=True)
+            print(f"  repeat {rep + 1}: {name:22s} {rate:8.1f} img/s   "
+                  f"cpu user {used['user']:6.1f} s  sys {used['sys']:5.1f} s   load {os.getloadavg()[0]:.1f}",
+                  flush=True)
     rates = {m: [len(files) / t for t in ts] for m, ts in times.items()}
     med = {m: statistics.median(r) for m, r in rates.items()}
     out = {
@@ -140,25 +159,101 @@ def bench_extract(args: argparse.Namespace) -> dict:
         "batch_size": args.batch_size,
         "images_per_second": rates, "median_images_per_second": med,
         "ratio_to_naive": {m: med[m] / med["naive"] for m in med},
+        "ratio_to_naive_tuned": {m: med[m] / med["naive, tuned malloc"] for m in med},
         "cpu_seconds": cpu,
-        "onnx_fraction_of_ceiling": med["onnx"] / med["onnx model only"],
+        "fraction_of_ceiling": {e: med[e] / med[f"{e} model only"] for e in ("onnx", "onnx-int8")},
+        "int8_over_fp32_onnx": med["onnx-int8"] / med["onnx"],
+        "int8_model_only_over_fp32_model_only": med["onnx-int8 model only"] / med["onnx model only"],
     }
     print(f"\nend to end on {len(files)} gpr-mini images, medians of {args.repeats}:")
-    out["ratio_to_naive_tuned"] = {m: med[m] / med["naive, tuned malloc"] for m in med}
     print(f"{'method':22s} {'img/s':>8s} {'x naive':>8s} {'x tuned naive':>14s}")
     for m in methods:
-        print(f"{m:22s} {med[m]:8.1f} {out['ratio_to_naive'][m]:8.2f} "
-              f"{out['ratio_to_naive_tuned'][m]:14.2f}")
-    print(f"onnx end to end = {out['onnx_fraction_of_ceiling']:.0%} of the model-only ceiling")
+        print(f"{m:22s} {med[m]:8.1f} {out['ratio_to_naive'][m]:8.2f} {out['ratio_to_naive_tuned'][m]:14.2f}")
+    for e, f in out["fraction_of_ceiling"].items():
+        print(f"{e} end to end = {f:.0%} of its model-only ceiling")
+    print(f"onnx-int8 / onnx end to end = {out['int8_over_fp32_onnx']:.2f}x "
+          f"(model only {out['int8_model_only_over_fp32_model_only']:.2f}x)")
+    out["breakdown"] = breakdown(desc, files, predecoded, runners, args.batch_size)
     if args.ceiling_batches:
-        out["model_only_by_batch"] = model_only_by_batch(
-            run_onnx, predecoded, [int(b) for b in args.ceiling_batches.split(",")], args.repeats
-        )
+        out["model_only_by_batch"] = {
+            e: model_only_by_batch(runners[e], predecoded, [int(b) for b in args.ceiling_batches.split(",")],
+                                   args.repeats, e)
+            for e in runners
+        }
+    return out
+
+
+def breakdown(desc, files: list[Path], predecoded: list[np.ndarray], runners: dict, batch_size: int) -> dict:
+    """Milliseconds per image of each stage, one after the other in this process (one
+    core for the decode stages, every core for the model): where end-to-end time goes."""
+    import pickle
+
+    from cbir.data.decode import load_image
+
+    pre = desc.preprocess
+    stages: dict[str, float] = {}
+    t = time.perf_counter()
+    images = [load_image(f, target_size=pre.resized_size) for f in files]
+    stages["decode (Pillow, JPEG draft mode)"] = time.perf_counter() - t
+    t = time.perf_counter()
+    arrays = [pre.to_array(im) for im in images]
+    stages["resize + to array"] = time.perf_counter() - t
+    t = time.perf_counter()
+    for s in range(0, len(arrays), batch_size):
+        pickle.loads(pickle.dumps(np.stack(arrays[s : s + batch_size]), protocol=pickle.HIGHEST_PROTOCOL))
+    stages["stack + transfer between processes"] = time.perf_counter() - t
+    for e, run in runners.items():
+        t = time.perf_counter()
+        for batch in predecoded:
+            run(batch)
+        stages[f"model ({e}, all cores)"] = time.perf_counter() - t
+    ms = {k: 1000 * v / len(files) for k, v in stages.items()}
+    print("\nbreakdown, ms per image (stages run one after the other):")
+    for k, v in ms.items():
+        print(f"  {k:40s} {v:7.2f}")
+    return ms
+
+
+def quality(args: argparse.Namespace) -> dict:
+    """gpr-mini and rparis-mini with the fp32 and int8 ONNX engines, and their cosines."""
+    from cbir.benchmarks import run_gpr1200, run_revisited
+    from cbir.models import build_descriptor
+    from cbir.runtime import for_engine
+
+    def cosines(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
+        a, b = a.astype(np.float64), b.astype(np.float64)
+        c = np.sum(a * b, 1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+        return {"median": float(np.median(c)), "p1": float(np.percentile(c, 1)), "min": float(c.min())}
+
+    out: dict = {}
+    desc = build_descriptor()
+    gpr = {e: run_gpr1200(args.gpr, for_engine(desc, e, args.calibrate), engine=e, calibrate=args.calibrate,
+                          progress=False) for e in ("onnx", "onnx-int8")}
+    out["gpr-mini"] = {
+        "mAP": {e: g.result.mAP for e, g in gpr.items()},
+        "cosine": cosines(gpr["onnx"].extraction.features, gpr["onnx-int8"].extraction.features),
+        "images": len(gpr["onnx"].files),
+    }
+    print(f"\ngpr-mini mAP: fp32 {out['gpr-mini']['mAP']['onnx']:.4f}, int8 {out['gpr-mini']['mAP']['onnx-int8']:.4f}; "
+          f"cosine median {out['gpr-mini']['cosine']['median']:.4f}, p1 {out['gpr-mini']['cosine']['p1']:.4f}")
+    if Path(args.rparis).exists():
+        inst = build_descriptor(resize="keep", image_size=512)
+        rp = {e: run_revisited(args.rparis, for_engine(inst, e, args.calibrate), engine=e,
+                               calibrate=args.calibrate, progress=False) for e in ("onnx", "onnx-int8")}
+        out["rparis-mini"] = {
+            "medium mAP (%)": {e: r.result["medium"].mAP * 100 for e, r in rp.items()},
+            "easy mAP (%)": {e: r.result["easy"].mAP * 100 for e, r in rp.items()},
+            "hard mAP (%)": {e: r.result["hard"].mAP * 100 for e, r in rp.items()},
+            "cosine": cosines(rp["onnx"].features.database, rp["onnx-int8"].features.database),
+            "descriptor": inst.describe_name() + ", max side 512",
+        }
+        m = out["rparis-mini"]["medium mAP (%)"]
+        print(f"rparis-mini medium mAP: fp32 {m['onnx']:.2f}, int8 {m['onnx-int8']:.2f}")
     return out
 
 
 def model_only_by_batch(run_onnx, predecoded: list[np.ndarray], sizes: list[int],
-                        repeats: int) -> dict[str, float]:
+                        repeats: int, engine: str = "onnx") -> dict[str, float]:
     """ONNX Runtime on the same pre-decoded images cut into batches of each size (median
     img/s over ``repeats``): where the per-image cost of the graph is lowest."""
     images = np.concatenate(predecoded)
@@ -171,7 +266,7 @@ def model_only_by_batch(run_onnx, predecoded: list[np.ndarray], sizes: list[int]
                 run_onnx(images[s : s + b])
             rates.append(len(images) / (time.perf_counter() - t))
         out[str(b)] = statistics.median(rates)
-        print(f"  onnx model only, batch {b:3d}: {out[str(b)]:7.1f} img/s "
+        print(f"  {engine} model only, batch {b:3d}: {out[str(b)]:7.1f} img/s "
               f"({1000 / out[str(b)]:.1f} ms per image)", flush=True)
     return out
 
@@ -260,6 +355,9 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=128)
     ap.add_argument("--skip-extract", action="store_true")
     ap.add_argument("--skip-eval", action="store_true")
+    ap.add_argument("--skip-quality", action="store_true")
+    ap.add_argument("--rparis", default=str(ROOT.parent / "shared/datasets/rparis-mini"))
+    ap.add_argument("--calibrate", default=None, help="onnx-int8 calibration images (default: train-pool)")
     ap.add_argument("--out", default=str(ROOT / "bench/results/speed.json"))
     ap.add_argument("--_eval", help=argparse.SUPPRESS)
     ap.add_argument("--_naive", action="store_true", help=argparse.SUPPRESS)
@@ -284,10 +382,13 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         "load_average_at_start": os.getloadavg(),
+        "note": "shared 2-core machine: other agents' jobs ran during the timings (see load averages)",
         "command": " ".join(sys.argv),
     }
     if not args.skip_extract:
         result["extraction"] = bench_extract(args)
+    if not args.skip_quality:
+        result["quality"] = quality(args)
     if not args.skip_eval:
         result["evaluation"] = bench_eval(args)
     result["load_average_at_end"] = os.getloadavg()

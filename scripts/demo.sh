@@ -7,6 +7,9 @@ cd "$(dirname "$0")/.."
 images=${1:-../shared/datasets/gpr-mini/images}
 db=${2:-.cbir}
 bash scripts/setup.sh
+n=$(find "$images" -type f \( -iname '*.jpg' -o -iname '*.jpeg' -o -iname '*.png' \) | wc -l)
+echo "demo: indexing $n images of $images into $db (about 7 images a second on two CPU cores;"
+echo "      a second run describes only what changed). Give your own folder: bash scripts/demo.sh PHOTOS"
 .venv/bin/cbir index "$images" --db "$db"
 # sed reads to the end (head would close the pipe early: SIGPIPE, fatal under pipefail)
 query=$(find "$images" -type f \( -iname '*.jpg' -o -iname '*.png' \) | sort | sed -n 1p)

@@ -68,7 +68,7 @@ def test_extract_writes_matrix_and_manifest(
     (image_dir / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really")
     out = tmp_path / "out" / "feats.npy"
     result = ok("extract", image_dir, "--out", out, "--model", descriptor_file, "-j", "0", "-q")
-    assert "12 images described" in result.output and "1 skipped" in result.output
+    assert "12 images described" in result.output and "1 failed" in result.output
     assert "broken.jpg" in result.output
     feats = np.load(out)
     manifest = json.loads(out.with_suffix(".json").read_text())
@@ -97,22 +97,22 @@ def test_extract_several_inputs_and_single_files(
 
 
 @pytest.mark.parametrize(
-    ("args", "message"),
-    [
-        (["extract", "{missing}", "--out", "{out}"], "no such folder"),
-        (["extract", "{empty}", "--out", "{out}"], "no images found"),
-        (["extract", "{images}", "--out", "{out}", "--pooling", "gem:p=x"], "bad value 'x'"),
-        (["extract", "{images}", "--out", "{out}", "--pooling", "mac:p=3"], "does not take"),
-        (["extract", "{images}", "--out", "{out}", "--model", "nonsense"], "unknown backbone"),
-        (["extract", "{images}", "--out", "{out}", "--scales", "1,-2"], "positive"),
-        (["extract", "{images}", "--out", "{out}", "--whiten", "{junk}"], "not a readable"),
-        (["extract", "{images}", "--out", "{out}", "--whiten", "{missing}"], "missing"),
-        (["extract", "{images}", "--out", "{out}", "--model", "{junk}"], "not a readable"),
-        (["extract", "{images}", "--out", "{out}", "--crop", "999"], "crop must be"),
+    ("args", "message", "code"),
+    [  # exit codes: 2 invalid usage or argument, 4 bad input (docs/cli.md)
+        (["extract", "{missing}", "--out", "{out}"], "no such file or folder", 4),
+        (["extract", "{empty}", "--out", "{out}"], "no images found", 4),
+        (["extract", "{images}", "--out", "{out}", "--pooling", "gem:p=x"], "bad value 'x'", 2),
+        (["extract", "{images}", "--out", "{out}", "--pooling", "mac:p=3"], "does not take", 2),
+        (["extract", "{images}", "--out", "{out}", "--model", "nonsense"], "unknown backbone", 2),
+        (["extract", "{images}", "--out", "{out}", "--scales", "1,-2"], "positive", 2),
+        (["extract", "{images}", "--out", "{out}", "--whiten", "{junk}"], "not a readable", 2),
+        (["extract", "{images}", "--out", "{out}", "--whiten", "{missing}"], "missing", 4),
+        (["extract", "{images}", "--out", "{out}", "--model", "{junk}"], "not a readable", 2),
+        (["extract", "{images}", "--out", "{out}", "--crop", "999"], "crop must be", 2),
     ],
 )
 def test_extract_errors_are_messages(
-    tmp_path: Path, image_dir: Path, descriptor_file: Path, args: list[str], message: str
+    tmp_path: Path, image_dir: Path, descriptor_file: Path, args: list[str], message: str, code: int
 ) -> None:
     (tmp_path / "empty").mkdir()
     (tmp_path / "junk.pt").write_bytes(b"junk\n")
@@ -127,7 +127,7 @@ def test_extract_errors_are_messages(
     if "--model" not in argv:
         argv += ["--model", str(descriptor_file)]
     result = invoke(*argv, "-j", "0", "-q")
-    assert result.exit_code == 2, result.output
+    assert result.exit_code == code, result.output
     assert isinstance(result.exception, SystemExit)  # a usage error, not a traceback
     assert squash(message) in squash(result.output)
     assert not (tmp_path / "f.npy").exists()
@@ -142,8 +142,8 @@ def test_installed_script_reports_errors_without_traceback(tmp_path: Path) -> No
         [str(cbir), "extract", str(tmp_path / "missing"), "--out", str(tmp_path / "f.npy")],
         capture_output=True, text=True, env=env, timeout=120,
     )
-    assert proc.returncode == 2
-    assert "no such folder" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.returncode == 4  # bad input (docs/cli.md, "Exit codes")
+    assert "no such file or folder" in proc.stderr and "Traceback" not in proc.stderr
 
 
 # ---------------------------------------------------------------------------------------
@@ -183,7 +183,7 @@ def test_learned_whitening_needs_class_folders(
         "whiten", image_dir / "sub", "--out", wfile, "--kind", "learned",
         "-m", descriptor_file, "-j", "0", "-q",
     )
-    assert result.exit_code == 2 and isinstance(result.exception, SystemExit)
+    assert result.exit_code == 4 and isinstance(result.exception, SystemExit)
     result = invoke("whiten", image_dir, "--out", wfile, "--kind", "zca", "-m", descriptor_file)
     assert result.exit_code == 2 and "unknown whitening kind" in result.output
 
@@ -222,7 +222,7 @@ def test_bench_gpr1200_table_json_and_saved_features(tmp_path: Path, descriptor_
     rjson, feats_path = tmp_path / "r.json", tmp_path / "f.npy"
     result = ok(
         "bench", "gpr1200", root, "-m", descriptor_file, "-j", "0", "-q",
-        "--json", rjson, "--save-features", feats_path,
+        "--out", rjson, "--save-features", feats_path,
     )
     report = json.loads(rjson.read_text())
     assert {"mAP", "things", "faces", "GPR1000", "images_per_second", "files"} <= set(report)
@@ -248,7 +248,7 @@ def test_bench_gpr1200_table_json_and_saved_features(tmp_path: Path, descriptor_
 def test_bench_gpr1200_flat_folder_default_domains(tmp_path: Path, descriptor_file: Path) -> None:
     root = make_gpr_folder(tmp_path / "flat", with_subsets=False, images_dir=False)
     rjson = tmp_path / "r.json"
-    ok("bench", "gpr1200", root, "-m", descriptor_file, "-j", "0", "-q", "--json", rjson)
+    ok("bench", "gpr1200", root, "-m", descriptor_file, "-j", "0", "-q", "--out", rjson)
     report = json.loads(rjson.read_text())
     # categories 0-3 all fall in GPR1200's first domain (landmarks, 0-199)
     assert report["landmarks"] == report["mAP"] and "faces" not in report
@@ -258,7 +258,7 @@ def test_bench_gpr1200_refuses_a_partial_benchmark(tmp_path: Path, descriptor_fi
     root = make_gpr_folder(tmp_path / "gpr")
     (root / "images" / "3_img_9.jpg").write_bytes(b"")
     result = invoke("bench", "gpr1200", root, "-m", descriptor_file, "-j", "0", "-q")
-    assert result.exit_code == 2 and isinstance(result.exception, SystemExit)
+    assert result.exit_code == 4 and isinstance(result.exception, SystemExit)
     assert "images/3_img_9.jpg:emptyfile" in squash(result.output)
     result = invoke("bench", "gpr1200", tmp_path / "nowhere", "-m", descriptor_file, "-q")
-    assert result.exit_code == 2 and isinstance(result.exception, SystemExit)
+    assert result.exit_code == 4 and isinstance(result.exception, SystemExit)

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from cbir.cli.commands import app
 from cbir.eval import near_duplicates as nd
-from cbir.index.duplicates import PairSearch, Verification, group_duplicates
+from cbir.index.duplicates import DEFAULT_THRESHOLD, PairSearch, Verification, group_duplicates
 from cbir.index.removal import FileFacts, plan_removal
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,6 +77,26 @@ def test_small_k_and_blocks_find_the_same_pairs_as_a_full_matrix() -> None:
     assert small == full
     assert len(full[0]) >= 20
     assert group_duplicates(x, 0.99999) == [] or all(len(g) > 1 for g in group_duplicates(x, 0.99999))
+
+
+def test_a_pair_returned_from_one_side_only_is_kept() -> None:
+    """An approximate index may return b for query a but not a for query b (or the reverse):
+    the pair counts either way, once."""
+    from cbir.index.duplicates import array_blocks, duplicate_pairs
+
+    x = on_circle([0.0, 1.0, 2.0, 90.0])
+
+    def only_lower(q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        s = q @ x.T
+        qid = [int(np.argmax(s[r])) for r in range(len(q))]  # the query's own row
+        for r, i in enumerate(qid):
+            s[r, i + 1 :] = -np.inf  # query i sees rows <= i only
+        order = np.argsort(-s, axis=1)[:, :k]
+        scores = np.take_along_axis(s, order, 1)
+        return scores, np.where(np.isfinite(scores), order, -1)
+
+    pairs, scores = duplicate_pairs(array_blocks(x, 2), only_lower, lambda ids: (ids, x[ids]), 0.999)
+    assert pairs.tolist() == [[0, 1], [0, 2], [1, 2]] and len(scores) == 3
 
 
 def test_verified_pairs_join_below_threshold_only_when_checked_and_above_the_floor() -> None:
@@ -189,6 +209,20 @@ def test_index_verify_groups_a_cropped_copy_below_the_threshold(tmp_path: Path, 
         groups = idx.duplicates(1.0, verify=Verification(min_inliers=10, floor=-1.0, k=3))
     assert len(groups) == 1 and sorted(Path(h.path).name for h in groups[0]) == ["copy.jpg", "original.png"]
     assert groups[0][1].score < 1.0
+
+
+def test_default_threshold_and_verification_are_the_calibrated_ones() -> None:
+    """The defaults in cbir.index.duplicates are the ones bench/duplicates.py chose on train-pool
+    (never on gpr-mini) and recorded in bench/duplicates_calibration.json."""
+    record = json.loads((ROOT / "bench" / "duplicates_calibration.json").read_text())
+    assert record["calibration_split"].startswith("train-pool")
+    assert DEFAULT_THRESHOLD == pytest.approx(record["default_threshold"], abs=5e-5)
+    v = Verification()
+    assert (v.min_inliers, v.floor, v.k) == (
+        record["verification"]["min_inliers"],
+        pytest.approx(record["verification"]["floor"]),
+        record["verification"]["k"],
+    )
 
 
 # -- the pair generator ----------------------------------------------------------------------

@@ -107,6 +107,22 @@ def test_pooling_and_whitening_stay_in_float(cache: Path, calib: Path, desc: Des
             assert "/backbone/" in node.name
 
 
+def test_aspect_kept_graph_quantises_with_the_normalisation_folded(cache: Path, calib: Path,
+                                                                   tmp_path: Path) -> None:
+    """A size-generic graph (resize keep) takes images of any shape; its normalisation is
+    folded into the first convolution as in the fixed-size graph."""
+    from cbir.runtime.quantize import int8_model
+
+    keep = build_descriptor("timm:resnet10t", pretrained=False, pooling="gem", image_size=72, resize="keep")
+    d8 = for_engine(keep, "onnx-int8", calib)
+    _, info = int8_model(d8, calib, verbose=False)
+    assert info.input_size is None and info.zero_point is not None
+    run8, run32 = make_runner(d8, "onnx-int8", verbose=False), make_runner(keep, "onnx", verbose=False)
+    for shape in ((2, 72, 48), (1, 40, 72)):
+        x = np.random.default_rng(sum(shape)).integers(0, 256, size=(*shape, 3), dtype=np.uint8)
+        assert np.median(_cos(run8(x), run32(x))) >= 0.95
+
+
 def test_identity_records_the_int8_engine(calib: Path, desc: Descriptor, tmp_path: Path) -> None:
     d8 = for_engine(desc, "onnx-int8", calib)
     assert d8.identity() != desc.identity()

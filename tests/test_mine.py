@@ -147,3 +147,15 @@ def test_verifier_setting_errors_reach_the_cli(scene_set, tmp_path) -> None:
 
 def test_verifier_is_used_as_given() -> None:
     assert GeometricVerifier("orb", min_inliers=20).settings()["min_inliers"] == 20
+
+
+def test_cli_defaults_match_the_library() -> None:
+    """The CLI module repeats two defaults so that `cbir --help` imports no torch; they must agree."""
+    from cbir.cli.mine_cmds import NEIGHBOURS  # first: no import cycle either
+    from cbir.train.discovery import DEFAULT_NEIGHBOURS
+    from cbir.verify import DEFAULT_MIN_INLIERS
+
+    assert NEIGHBOURS == DEFAULT_NEIGHBOURS
+    from cbir.cli.mine_cmds import MinInliersOpt
+
+    assert f"[default: {DEFAULT_MIN_INLIERS}]" in MinInliersOpt.__metadata__[0].help

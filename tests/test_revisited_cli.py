@@ -14,7 +14,6 @@ from typer.testing import CliRunner
 
 from cbir.benchmarks import PostProcessing, describe_revisited, rank_revisited, run_revisited
 from cbir.cli.main import app
-from cbir.cli.revisited_cmds import parse_k_alpha
 from cbir.data.revisited import load_revisited
 from cbir.eval.revisited import evaluate_revisited
 
@@ -72,8 +71,8 @@ def test_printed_figures_equal_protocol_on_saved_ranks(
     mini_revisited: Path, tiny_file: Path, tmp_path: Path
 ) -> None:
     ranks_path, json_path = tmp_path / "r.npy", tmp_path / "r.json"
-    args = ["bench", "revisited", str(mini_revisited), "--model", str(tiny_file), "--qe", "1,3"]
-    args += ["--save-ranks", str(ranks_path), "--json", str(json_path), "--workers", "0", "-q"]
+    args = ["bench", "revisited", str(mini_revisited), "--model", str(tiny_file), "--qe", "1", "--qe-alpha", "3"]
+    args += ["--save-ranks", str(ranks_path), "--out", str(json_path), "--workers", "0", "-q"]
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
     ranks = np.load(ranks_path)
@@ -133,13 +132,11 @@ def test_bad_options_are_clear_errors(mini_revisited: Path, tiny_file: Path) -> 
     res = runner.invoke(
         app, ["bench", "revisited", str(mini_revisited), "--model", str(tiny_file), "--qe", "x"]
     )
-    assert res.exit_code != 0 and "K or K,ALPHA" in res.output
+    assert res.exit_code == 2 and "--qe" in res.output  # an integer now; alpha is --qe-alpha
     res = runner.invoke(
         app, ["bench", "revisited", str(mini_revisited.parent), "--model", str(tiny_file)]
     )
     assert res.exit_code != 0 and "gnd" in res.output
-    assert parse_k_alpha("2", "--qe") == (2, 3.0) and parse_k_alpha("3,0.5", "--qe") == (3, 0.5)
-    assert parse_k_alpha(None, "--qe")[0] == 0
 
 
 @pytest.mark.slow
@@ -168,7 +165,7 @@ def test_learned_whitening_file_is_used(
     fit_learned_whitening(x, q, p, dim=32).save(str(w_path))
     json_path = tmp_path / "r.json"
     args = ["bench", "revisited", str(mini_revisited), "--model", str(tiny_file)]
-    args += ["--whiten", str(w_path), "--json", str(json_path), "--workers", "0", "-q"]
+    args += ["--whiten", str(w_path), "--out", str(json_path), "--workers", "0", "-q"]
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
     assert json.loads(json_path.read_text())["descriptor"].endswith("learned32")

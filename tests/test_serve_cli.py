@@ -63,7 +63,7 @@ def test_refuses_a_weak_token_file(tmp_path: Path) -> None:
 def test_missing_index_is_a_clear_error(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["serve", "--db", str(tmp_path / "nothing"), "--port",
                                       str(_free_port())])
-    assert result.exit_code == 2 and "no index in" in _text(result)
+    assert result.exit_code == 5 and "no index in" in _text(result)
     assert "Traceback" not in result.output
 
 

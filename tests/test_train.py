@@ -435,7 +435,7 @@ def test_cli_train_writes_a_model_the_bench_loads(
     assert (tmp_path / "out.ckpt" / "last.pt").is_file()
 
     res = CliRunner().invoke(app, ["train", str(tmp_path / "nope"), "--out", str(out), "-q"])
-    assert res.exit_code == 2 and "no such folder" in res.output
+    assert res.exit_code == 4 and "no such folder" in res.output
     res = CliRunner().invoke(app, [*args[:-3], "--loss", "hinge", "--out", str(out), "-q"])
     assert res.exit_code == 2 and "unknown loss" in res.output
     res = CliRunner().invoke(app, [*args[:-3], "--sampling", "domain", "--out", str(out), "-q"])

@@ -237,3 +237,11 @@ def test_device_cpu_trains_on_the_cpu(tiny_model: Path, tmp_path: Path) -> None:
     assert t.device.type == "cpu" and next(t.desc.parameters()).device.type == "cpu"
     with pytest.raises(ValueError, match="unknown device"):
         tiny(tiny_model, device="tpu")
+
+
+def test_a_saturated_validation_is_reported(tiny_model: Path, tmp_path: Path, monkeypatch) -> None:
+    data = load_train_data([make_classes(tmp_path / "d")])
+    monkeypatch.setattr(Trainer, "validate", lambda self: 1.0)
+    logs: list[str] = []
+    res = train(tiny(tiny_model, val_fraction=0.4, keep="best"), data, progress=False, log=logs.append)
+    assert res.best_epoch == 0 and any("cannot choose an epoch" in m for m in logs)

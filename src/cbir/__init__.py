@@ -1,70 +1,79 @@
 """cbir: content-based image retrieval with global descriptors.
 
-The public Python API; the ``cbir`` command and the HTTP server are thin layers over it.
+The public Python API is :mod:`cbir.api`, re-exported here; the ``cbir`` command and the
+HTTP server call the same functions. Names are loaded on first use (module ``__getattr__``),
+so ``import cbir`` and ``cbir --help`` do not import torch, FAISS or ONNX Runtime.
 
-The names below are imported on first use (PEP 562), not with the package: most of them
-need PyTorch, which takes seconds and hundreds of MB to import, and a process that only
-uses a light module (``cbir.errors``, ``cbir.fileio``, a Ray worker that stats files or
-writes Parquet shards) should not pay for it.
+>>> import cbir
+>>> with cbir.create_index(".cbir") as idx:        # doctest: +SKIP
+...     idx.sync(["photos/"])
+...     hits = idx.search("photos/cat.jpg", k=10)
 """
 
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any
+import sys
+import types
+from typing import Any
+
+from cbir.errors import CbirError, InputError, UsageError
 
 __version__ = "0.1.0"
 
-#: public name -> module that defines it
-_EXPORTS = {
-    "CbirError": "cbir.errors",
-    "DecodeError": "cbir.data",
-    "Descriptor": "cbir.models",
-    "ExtractionResult": "cbir.extract",
+#: public name -> module that defines it (imported on first access)
+_LAZY = {
+    **{name: "cbir.api" for name in (
+        "bench_gpr1200", "bench_revisited", "build_descriptor", "create_index", "extract", "find_duplicates",
+        "fine_tune", "index_folders", "index_stats", "list_images", "open_index", "search", "whitening",
+    )},  # fmt: skip
+    "Index": "cbir.index",
+    "Hit": "cbir.index",
+    "SyncReport": "cbir.index",
+    "IndexBusyError": "cbir.index.errors",
+    "IndexDamagedError": "cbir.index.errors",
+    "IndexNotFoundError": "cbir.index.errors",
+    "DescriptorMismatchError": "cbir.index.errors",
+    "QueryError": "cbir.index.errors",
+    "DecodeError": "cbir.data.decode",
+    "load_image": "cbir.data",
     "Preprocess": "cbir.data",
-    "Whitening": "cbir.models",
-    "build_descriptor": "cbir.models",
     "evaluate_gpr1200": "cbir.eval",
     "evaluate_labelled": "cbir.eval",
-    "extract": "cbir.extract",
+    "ExtractionResult": "cbir.extract",
     "iter_extract": "cbir.extract",
-    "list_images": "cbir.data",
-    "load_image": "cbir.data",
+    "Descriptor": "cbir.models",
+    "Whitening": "cbir.models",
+    "TrainConfig": "cbir.train",
 }
 
-__all__ = [
-    "CbirError",
-    "DecodeError",
-    "Descriptor",
-    "ExtractionResult",
-    "Preprocess",
-    "Whitening",
-    "__version__",
-    "build_descriptor",
-    "evaluate_gpr1200",
-    "evaluate_labelled",
-    "extract",
-    "iter_extract",
-    "list_images",
-    "load_image",
-]
 
-if TYPE_CHECKING:
-    from cbir.data import DecodeError, Preprocess, list_images, load_image
-    from cbir.errors import CbirError
-    from cbir.eval import evaluate_gpr1200, evaluate_labelled
-    from cbir.extract import ExtractionResult, extract, iter_extract
-    from cbir.models import Descriptor, Whitening, build_descriptor
+class _Package(types.ModuleType):
+    """``cbir.extract`` is both a submodule and the facade's function. Python binds a submodule
+    to its package's attribute when the submodule is imported, which would replace the function
+    by the module; the package refuses that rebinding for the facade's names (the module stays
+    importable as ``cbir.extract`` through ``sys.modules``, as ``from cbir.extract import ...``)."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if isinstance(value, types.ModuleType) and _LAZY.get(name) == "cbir.api":
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
+    module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'cbir' has no attribute {name!r}")
     value = getattr(importlib.import_module(module), name)
-    globals()[name] = value  # later look-ups skip this function
+    globals()[name] = value  # later lookups skip this function
     return value
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), *_EXPORTS})
+    return sorted([*globals(), *_LAZY])
+
+
+__all__ = ["CbirError", "InputError", "UsageError", "__version__", *_LAZY]

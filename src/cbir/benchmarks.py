@@ -109,7 +109,6 @@ def learn_region_whitening(
     descriptor's R-MAC pooling (and the descriptor file then carries it).
     """
     import torch
-    import torch.nn.functional as F
 
     from cbir.data.datasets import list_images
     from cbir.extract import iter_extract
@@ -131,12 +130,7 @@ def learn_region_whitening(
     def regions_runner(batch: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
             x = descriptor.preprocess.normalize(torch.from_numpy(batch))
-            parts = []
-            for s in descriptor.scales:
-                xs = x
-                if s != 1.0:  # same resampling as Descriptor.pooled
-                    xs = F.interpolate(x, scale_factor=s, mode="bilinear", align_corners=False)
-                parts.append(pooling.regions(descriptor.backbone(xs)))
+            parts = [pooling.regions(m) for m in descriptor.feature_maps(x)]
             return torch.cat(parts, dim=1).float().numpy()
 
     descriptor.eval()

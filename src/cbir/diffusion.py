@@ -26,11 +26,12 @@ import numpy as np
 from scipy import sparse
 from scipy.sparse.linalg import cg
 
+from cbir.defaults import DIFFUSION_K, DIFFUSION_KQ
 from cbir.postprocess import knn
 
 #: Defaults: gamma and alpha from Iscen et al. 2017; k and k_q sized for small collections.
-DEFAULT_K = 20
-DEFAULT_KQ = 10
+DEFAULT_K = DIFFUSION_K
+DEFAULT_KQ = DIFFUSION_KQ
 DEFAULT_GAMMA = 3.0
 DEFAULT_ALPHA = 0.99
 

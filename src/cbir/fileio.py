@@ -15,6 +15,19 @@ from pathlib import Path
 from typing import IO, Any
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it where the system says it (Linux's
+    /proc/self/status); elsewhere set and restored at once."""
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def _replaced_on_success(path: str | os.PathLike) -> Iterator[tuple[int, str]]:
     """A temporary file beside ``path`` (open descriptor, name) that replaces ``path`` when
@@ -23,6 +36,9 @@ def _replaced_on_success(path: str | os.PathLike) -> Iterator[tuple[int, str]]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        # mkstemp creates 0600; a written file gets the mode open() would give it (0666 less the
+        # umask), so an index made by one user can be read by the service user of a server
+        os.fchmod(fd, 0o666 & ~current_umask())
         yield fd, tmp
         os.replace(tmp, path)
         fsync_dir(path.parent)

@@ -6,25 +6,21 @@ import json
 from pathlib import Path
 from typing import Annotated
 
-import numpy as np
 import typer
-from rich.console import Console
-from rich.table import Table
 
-from cbir.benchmarks import learn_whitening, run_gpr1200
+from cbir.cli import output
 from cbir.cli.commands import app, bench_app
 from cbir.cli.options import (
     DescriptorOptions,
+    ExcludeOpt,
     ExtractionOptions,
+    IncludeHiddenOpt,
     descriptor_options,
     extraction_options,
 )
-from cbir.data.datasets import list_images
-from cbir.extract import extract
-from cbir.fileio import atomic_numpy_save, atomic_write_text
 
-console = Console(stderr=False)
-err = Console(stderr=True)
+#: ``--json`` of the benchmarks: the scores as JSON on stdout (a file: ``--out``).
+BenchJsonOpt = Annotated[bool, typer.Option("--json", help="Print the scores as JSON on stdout instead of a table.")]
 
 
 RayOpt = Annotated[
@@ -43,7 +39,9 @@ RayOpt = Annotated[
 @extraction_options()
 @descriptor_options()
 def extract_cmd(
-    inputs: Annotated[list[Path], typer.Argument(help="Image folders (walked recursively) or files.")],
+    inputs: Annotated[
+        list[Path], typer.Argument(metavar="INPUTS...", help="Image folders (walked recursively) or files.")
+    ],
     out: Annotated[
         Path,
         typer.Option("--out", "-o", help="Output .npy (a .json manifest is written beside it); with --ray, a folder."),
@@ -55,32 +53,38 @@ def extract_cmd(
     block_rows: Annotated[
         int, typer.Option("--block-rows", help="With --ray: images per block (per actor call and Parquet shard).")
     ] = 256,
+    exclude: ExcludeOpt = None,
+    include_hidden: IncludeHiddenOpt = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")] = False,
     *,
     describe: DescriptorOptions,
     extraction: ExtractionOptions,
 ) -> None:
-    """Describe every image under INPUTS; write an N x D float32 matrix and its manifest."""
+    """Describe every image under INPUTS; write an N x D float32 matrix and its manifest.
+
+    Hidden folders (.*), @eaDir and .thumbnails are skipped unless --include-hidden."""
+    from cbir import api
+
     desc = describe.build()
     if ray is not None:
         from cbir.cli.distributed_cmds import extract_on_ray  # Ray only when asked for
 
         extract_on_ray(inputs, out, desc, ray, extraction, cpus_per_worker=cpus_per_worker, block_rows=block_rows)
         return
-    paths: list[Path] = []
-    for p in inputs:
-        try:
-            paths.extend(list_images(p))
-        except FileNotFoundError as exc:
-            raise typer.BadParameter(str(exc)) from exc
-    if not paths:
-        raise typer.BadParameter("no images found")
-    result = extract(desc, paths, **extraction.kwargs())
+    paths = api.images_in(inputs, exclude=exclude or (), include_hidden=include_hidden)
+    result = api.extract(desc, paths, **extraction.kwargs())
     manifest = result.save(out)
-    for f in result.failures:
-        err.print(f"[yellow]skipped[/] {f.path}: {f.reason}")
-    console.print(
+    for f in result.failures:  # each failure once; the manifest keeps them with their reasons
+        output.warn_failure(f.path, f.reason)
+    if json_out:
+        output.emit_json({"images": len(result.paths), "dim": desc.dim, "descriptor": desc.describe_name(),
+                          "failures": [{"path": f.path, "reason": f.reason} for f in result.failures],
+                          "images_per_second": result.images_per_second, "out": str(out),
+                          "manifest": str(manifest)})  # fmt: skip
+        return
+    output.write(
         f"{len(result.paths)} images described ({desc.dim}-d, {desc.describe_name()}), "
-        f"{len(result.failures)} skipped, {result.images_per_second:.1f} images/s -> {out} (+ {manifest.name})"
+        f"{len(result.failures)} failed, {result.images_per_second:.1f} images/s -> {out} (+ {manifest.name})"
     )
 
 
@@ -99,25 +103,21 @@ def whiten_cmd(
     power: Annotated[
         float, typer.Option("--power", help="PCA eigenvalue power: 1 whitens fully, 0 only rotates.")
     ] = 1.0,
+    json_out: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")] = False,
     *,
     describe: DescriptorOptions,
     extraction: ExtractionOptions,
 ) -> None:
     """Learn PCA or supervised whitening on a separate image set, for use with --whiten."""
+    from cbir import api
+
     desc = describe.build()
-    try:
-        w = learn_whitening(
-            data,
-            desc,
-            kind=kind,
-            dim=dim,
-            power=power,
-            **extraction.kwargs(),
-        )
-    except (ValueError, FileNotFoundError) as exc:
-        raise typer.BadParameter(str(exc)) from exc
+    w = api.whitening(data, desc, kind=kind, dim=dim, power=power, **extraction.kwargs())
     w.save(str(out))
-    console.print(f"{kind} whitening {w.in_dim} -> {w.out_dim} learned on {data} -> {out}")
+    if json_out:
+        output.emit_json({"kind": kind, "in_dim": w.in_dim, "out_dim": w.out_dim, "data": str(data), "out": str(out)})
+        return
+    output.write(f"{kind} whitening {w.in_dim} -> {w.out_dim} learned on {data} -> {out}")
 
 
 @bench_app.command("gpr1200")
@@ -133,28 +133,29 @@ def bench_gpr1200_cmd(
     save_features: Annotated[
         Path | None, typer.Option("--save-features", help="Save the N x D descriptors (.npy) in 'files' order.")
     ] = None,
-    json_out: Annotated[
-        Path | None, typer.Option("--json", help="Write the scores, speed and file order as JSON.")
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Write the scores, speed and file order as JSON to this file.")
     ] = None,
+    json_out: BenchJsonOpt = False,
 ) -> None:
     """Score a descriptor with the GPR1200 protocol (Schall et al. 2021)."""
+    from cbir import api
+    from cbir.fileio import atomic_numpy_save, atomic_write_text
+
     desc = describe.build()
-    try:
-        bench = run_gpr1200(root, desc, **extraction.kwargs())
-    except (FileNotFoundError, RuntimeError, ValueError) as exc:
-        raise typer.BadParameter(str(exc)) from exc
-    table = Table(title=f"GPR1200 protocol on {root} ({len(bench.files)} images, {desc.describe_name()})")
-    table.add_column("metric")
-    table.add_column("mAP", justify="right")
-    table.add_row("all", f"{bench.result.mAP:.4f}")
-    for name, value in bench.result.domains.items():
-        table.add_row(name, f"{value:.4f}")
-    if bench.result.gpr1000 is not None:
-        table.add_row("GPR1000 (no faces)", f"{bench.result.gpr1000:.4f}")
-    table.add_row("images/s", f"{bench.extraction.images_per_second:.1f}")
-    console.print(table)
-    console.print(f"mAP {bench.result.mAP:.4f}")
+    bench = api.bench_gpr1200(root, desc, **extraction.kwargs())
     if save_features is not None:
-        atomic_numpy_save(save_features, bench.extraction.features.astype(np.float32))
-    if json_out is not None:
-        atomic_write_text(json_out, json.dumps(bench.to_dict(), indent=1))
+        atomic_numpy_save(save_features, bench.extraction.features.astype("float32"))
+    if out is not None:
+        atomic_write_text(out, json.dumps(bench.to_dict(), indent=1))
+    if json_out:
+        output.emit_json(bench.to_dict())
+        return
+    rows = [("all", f"{bench.result.mAP:.4f}")]
+    rows += [(name, f"{value:.4f}") for name, value in bench.result.domains.items()]
+    if bench.result.gpr1000 is not None:
+        rows.append(("GPR1000 (no faces)", f"{bench.result.gpr1000:.4f}"))
+    rows.append(("images/s", f"{bench.extraction.images_per_second:.1f}"))
+    title = f"GPR1200 protocol on {root} ({len(bench.files)} images, {desc.describe_name()})"
+    output.show(output.table(["metric", "mAP"], rows, title=title, right=["mAP"]))
+    output.write(f"mAP {bench.result.mAP:.4f}")

@@ -8,19 +8,18 @@ Output is plain text (no rich markup or wrapping): paths are printed whole, so t
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from cbir.cli import output
 from cbir.cli.commands import app
-from cbir.cli.index_cmds import DbOpt, _open, _user_errors
-from cbir.index import DEFAULT_DB
-from cbir.index.duplicates import DEFAULT_THRESHOLD, Verification
-from cbir.index.removal import KEEP_RULES, DuplicateGroup
+from cbir.cli.index_cmds import DbOpt, JsonOpt
+from cbir.defaults import DEFAULT_DB
 
-FORMATS = ("table", "json", "paths")
+if TYPE_CHECKING:  # FAISS and the index load when the command runs, not for --help
+    from cbir.index.removal import DuplicateGroup
 
 
 def _payload(plan: list[DuplicateGroup], threshold: float, keep: str) -> dict[str, Any]:
@@ -38,32 +37,30 @@ def _payload(plan: list[DuplicateGroup], threshold: float, keep: str) -> dict[st
     }
 
 
-def _print_table(plan: list[DuplicateGroup], threshold: float, keep: str) -> None:
+def _table_lines(plan: list[DuplicateGroup], threshold: float, keep: str) -> list[str]:
     if not plan:
-        typer.echo(f"no duplicates at threshold {threshold}")
-        return
+        return [f"no duplicates at threshold {threshold}"]
+    lines = []
     for n, g in enumerate(plan, 1):
-        typer.echo(f"group {n} ({len(g.members)} images, similarity to the first member)")
-        for m in g.members:
-            typer.echo(f"  {'keep  ' if m is g.keep else 'remove'}  {m.score:.4f}  {m.path}")
+        lines.append(f"group {n} ({len(g.members)} images, similarity to the first member)")
+        lines.extend(f"  {'keep  ' if m is g.keep else 'remove'}  {m.score:.4f}  {m.path}" for m in g.members)
     removable = [m.path for g in plan for m in g.remove]
-    typer.echo(f"\n{len(plan)} groups; keeping the {keep} of each; files to remove ({len(removable)}):")
-    for path in removable:
-        typer.echo(path)
+    lines.append(f"\n{len(plan)} groups; keeping the {keep} of each; files to remove ({len(removable)}):")
+    return lines + removable
 
 
 @app.command("duplicates")
 def duplicates_cmd(
     db: DbOpt = Path(DEFAULT_DB),
     threshold: Annotated[
-        float,
+        float | None,
         typer.Option(
             "--threshold",
             "-t",
             help="Cosine similarity to a group's first member at or above which an image is its duplicate "
-            f"(default {DEFAULT_THRESHOLD}: calibrated for the default model, see docs/duplicates.md).",
+            "(default: the value calibrated for the default model, see docs/duplicates.md).",
         ),
-    ] = DEFAULT_THRESHOLD,
+    ] = None,
     keep: Annotated[
         str,
         typer.Option(
@@ -76,11 +73,12 @@ def duplicates_cmd(
         str,
         typer.Option(
             "--format",
+            metavar="table|json|paths",
             help="table (groups, then the files to remove), json, or paths (only the files to remove, "
             "one per line, for xargs).",
         ),
     ] = "table",
-    json_out: Annotated[bool, typer.Option("--json", help="Print JSON (same as --format json).")] = False,
+    json_out: JsonOpt = False,
     verify: Annotated[
         bool,
         typer.Option(
@@ -93,18 +91,18 @@ def duplicates_cmd(
 ) -> None:
     """Group near-duplicate images (every member close to the group's first), largest group first,
     and list the files to remove so that one file of each group is kept. Nothing is deleted."""
+    from cbir import api
+    from cbir.index.duplicates import DEFAULT_THRESHOLD
+    from cbir.index.removal import KEEP_RULES
+
     if keep not in KEEP_RULES:
         raise typer.BadParameter(f"one of {', '.join(KEEP_RULES)}", param_hint="--keep")
-    if fmt not in FORMATS:
-        raise typer.BadParameter(f"one of {', '.join(FORMATS)}", param_hint="--format")
-    with _user_errors():
-        with _open(db, readonly=True) as idx:
-            plan = idx.duplicate_plan(threshold, keep, verify=Verification() if verify else None)
-    if json_out or fmt == "json":
-        typer.echo(json.dumps(_payload(plan, threshold, keep)))
+    fmt = output.check_format(fmt, json_out)
+    threshold = DEFAULT_THRESHOLD if threshold is None else threshold
+    plan = api.find_duplicates(db, threshold, keep=keep, verify=verify)
+    if fmt == "json":
+        output.emit_json(_payload(plan, threshold, keep))
     elif fmt == "paths":
-        for g in plan:
-            for m in g.remove:
-                typer.echo(m.path)
+        output.write_lines(m.path for g in plan for m in g.remove)
     else:
-        _print_table(plan, threshold, keep)
+        output.write_lines(_table_lines(plan, threshold, keep))

@@ -1,38 +1,36 @@
 """Commands of the search engine: ``index``, ``search`` and ``stats`` (``duplicates``: duplicates_cmds).
 
-A thin layer over :class:`cbir.index.Index`: parse options, call the API, print.
+A thin layer over :mod:`cbir.api`: parse options, call the facade, print through
+:mod:`cbir.cli.output`. Errors are mapped to messages and exit codes in :mod:`cbir.cli.main`.
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
 
+from cbir.cli import output
 from cbir.cli.commands import app
 from cbir.cli.options import (
     DescriptorOptions,
     EngineOpt,
+    ExcludeOpt,
     ExtractionOptions,
+    IncludeHiddenOpt,
     descriptor_options,
     extraction_options,
     parse_size,
 )
-from cbir.errors import CbirError
-from cbir.index import DEFAULT_DB, Index
+from cbir.defaults import DEFAULT_ALPHA, DEFAULT_DB
 
-console = Console(stderr=False)
-err = Console(stderr=True)
-
-DbOpt = Annotated[Path, typer.Option("--db", help="Index folder (created on first 'cbir index').")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+DbOpt = Annotated[Path, typer.Option("--db", help="Index folder (created by 'cbir index').")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON on stdout (the same as --format json).")]
+FormatOpt = Annotated[
+    str,
+    typer.Option("--format", metavar="table|json|paths", help="Output: a table, JSON, or one whole path a line."),
+]
 IndexModelOpt = Annotated[
     str | None,
     typer.Option(
@@ -44,21 +42,9 @@ IndexModelOpt = Annotated[
 ]
 
 
-@contextmanager
-def _user_errors() -> Iterator[None]:
-    """Index errors are the user's to fix: a message and the error's exit status, no traceback."""
-    try:
-        yield
-    except CbirError as exc:
-        err.print(f"[red]error:[/] {escape(str(exc))}")  # a message may hold [brackets]
-        raise typer.Exit(exc.exit_code) from exc
-    except (FileNotFoundError, PermissionError) as exc:
-        err.print(f"[red]error:[/] {exc}")
-        raise typer.Exit(1) from exc
-
-
-def _open(db: Path, **kwargs: Any) -> Index:
-    return Index.open(db, **kwargs)
+def hit_rows(hits: Any) -> list[dict[str, Any]]:
+    """Search hits as JSON rows."""
+    return [{"id": h.id, "path": h.path, "score": round(float(h.score), 6)} for h in hits]
 
 
 @app.command("index")
@@ -117,41 +103,42 @@ def index_cmd(
     dba_alpha: Annotated[
         float | None, typer.Option("--dba-alpha", help="DBA weight exponent (alpha-DBA).")
     ] = None,
+    exclude: ExcludeOpt = None,
+    include_hidden: IncludeHiddenOpt = False,
     json_out: JsonOpt = False,
     *,
     describe: DescriptorOptions,
     extraction: ExtractionOptions,
 ) -> None:
     """Index image folders incrementally: only new and changed files are described,
-    deleted ones dropped, moved ones recognised by content."""
+    deleted ones dropped, moved ones recognised by content.
+
+    Hidden folders (.*), @eaDir and .thumbnails are skipped unless --include-hidden; --exclude
+    and --include-hidden are remembered by the index for later runs."""
+    from cbir import api
+
     # no descriptor option given: the index's own descriptor (or the default for a new one)
     chosen = describe.model is not None or describe.customised()
     descriptor = describe.build() if chosen else None
     if from_ is not None:
         from cbir.cli.distributed_cmds import import_into_index  # pyarrow only when asked for
 
-        with _user_errors():
-            import_into_index(from_, db, descriptor, store=store, wait=wait, json_out=json_out, dirs=dirs)
+        import_into_index(from_, db, descriptor, store=store, wait=wait, json_out=json_out, dirs=dirs)
         return
     if not dirs:
         raise typer.BadParameter("give image folders to index, or --from PRECOMPUTED")
-    run = extraction.kwargs(engine=False)
-    budget = parse_size(memory_budget)
-    with _user_errors():
-        with _open(
-            db, model=descriptor, factory=factory, memory_budget=budget, dba=dba, dba_alpha=dba_alpha,
-            engine=extraction.engine, create=True, wait=wait, store=store, **extraction.engine_options(),
-        ) as idx:
-            report = idx.sync(dirs, **run)
-            if compact:
-                idx.compact()
-            stats = idx.stats()
+    report, stats = api.index_folders(
+        dirs, db, model=descriptor, factory=factory, memory_budget=parse_size(memory_budget), dba=dba,
+        dba_alpha=dba_alpha, wait=wait, store=store, compact=compact, engine=extraction.engine,
+        exclude=exclude if exclude else None, include_hidden=True if include_hidden else None,
+        **extraction.kwargs(engine=False), **extraction.engine_options(),
+    )  # fmt: skip
+    for f in report.failures:  # each failure once, on stderr; `cbir stats --json` keeps them
+        output.warn_failure(f.path, f.reason)
     if json_out:
-        console.print_json(json.dumps({**report.to_dict(), "images": stats["images"]}))
+        output.emit_json({**report.to_dict(), "images": stats["images"]})
         return
-    for f in report.failures:
-        err.print(f"[yellow]failed[/] {f.path}: {f.reason}")
-    console.print(
+    output.write(
         f"{report.added} added, {report.updated} updated, {report.moved} moved, "
         f"{report.removed} removed, {report.unchanged} unchanged, {report.failed} failed; "
         f"{report.extracted} files described in {report.seconds:.1f}s. "
@@ -164,16 +151,10 @@ def search_cmd(
     query: Annotated[str, typer.Argument(help="An image file, or the path of an indexed image.")],
     db: DbOpt = Path(DEFAULT_DB),
     k: Annotated[int, typer.Option("--k", "-k", help="Number of results.")] = 20,
-    qe: Annotated[
-        int, typer.Option("--qe", help="alpha-query expansion with the top K results (0 = off).")
-    ] = 0,
-    alpha: Annotated[float, typer.Option("--alpha", help="Query-expansion weight exponent.")] = 3.0,
-    nprobe: Annotated[
-        int | None, typer.Option("--nprobe", help="IVF lists to visit (IVF types).")
-    ] = None,
-    ef_search: Annotated[
-        int | None, typer.Option("--ef-search", help="HNSW search depth (HNSW types).")
-    ] = None,
+    qe: Annotated[int, typer.Option("--qe", help="alpha-query expansion with the top K results (0 = off).")] = 0,
+    qe_alpha: Annotated[float, typer.Option("--qe-alpha", help="Query-expansion weight exponent.")] = DEFAULT_ALPHA,
+    nprobe: Annotated[int | None, typer.Option("--nprobe", help="IVF lists to visit (IVF types).")] = None,
+    ef_search: Annotated[int | None, typer.Option("--ef-search", help="HNSW search depth (HNSW types).")] = None,
     k_factor: Annotated[
         float | None,
         typer.Option("--k-factor", help="Refinement: candidates re-ranked per result (Refine types)."),
@@ -182,44 +163,46 @@ def search_cmd(
         bool, typer.Option("--exclude-self", help="Leave the query's own file out of the results.")
     ] = False,
     engine: EngineOpt = None,
+    fmt: FormatOpt = "table",
     json_out: JsonOpt = False,
 ) -> None:
     """Find the indexed images most similar to QUERY, best first."""
-    if k < 1:
-        raise typer.BadParameter("--k must be at least 1")
-    with _user_errors():
-        with _open(db, readonly=True, engine=engine) as idx:
-            hits = idx.search(
-                query, k=k, qe=qe, alpha=alpha, nprobe=nprobe, ef_search=ef_search, k_factor=k_factor,
-                exclude_self=exclude_self,
-            )  # fmt: skip
-    if json_out:
-        typer.echo(json.dumps({"results": [{"path": h.path, "score": h.score} for h in hits]}))
-        return
-    table = Table(title=f"{len(hits)} results for {query}")
-    table.add_column("#", justify="right")
-    table.add_column("score", justify="right")
-    table.add_column("path")
-    for rank, h in enumerate(hits, 1):
-        table.add_row(str(rank), f"{h.score:.4f}", h.path)
-    console.print(table)
+    from cbir import api
+
+    fmt = output.check_format(fmt, json_out)
+    hits = api.search(
+        db, query, k=k, qe=qe, qe_alpha=qe_alpha, engine=engine, nprobe=nprobe, ef_search=ef_search,
+        k_factor=k_factor, exclude_self=exclude_self,
+    )  # fmt: skip
+    if fmt == "json":
+        output.emit_json({"query": query, "results": hit_rows(hits)})
+    elif fmt == "paths":
+        output.write_lines(h.path for h in hits)
+    else:
+        rows = [(rank, f"{h.score:.4f}", h.path) for rank, h in enumerate(hits, 1)]
+        output.show(output.table(["#", "score", "path"], rows, title=f"{len(hits)} results for {query}",
+                                 right=["#", "score"]))  # fmt: skip
 
 
 @app.command("stats")
-def stats_cmd(db: DbOpt = Path(DEFAULT_DB), json_out: JsonOpt = False) -> None:
-    """What an index holds: images, failures, descriptor, index type."""
-    with _user_errors():
-        with _open(db, readonly=True) as idx:
-            stats = idx.stats()
-            failures = [(r.path, r.error) for r in idx.failures()]
-    if json_out:
-        typer.echo(json.dumps(stats))
+def stats_cmd(db: DbOpt = Path(DEFAULT_DB), fmt: FormatOpt = "table", json_out: JsonOpt = False) -> None:
+    """What an index holds: images, failures (with their reasons), descriptor, index type."""
+    from cbir import api
+
+    fmt = output.check_format(fmt, json_out)
+    stats = api.index_stats(db)
+    failures = stats["failures"]
+    if fmt == "json":
+        output.emit_json(stats)
         return
-    table = Table(title=f"index {stats['path']}", show_header=False)
-    for key, value in stats.items():
-        table.add_row(key, ", ".join(value) if isinstance(value, list) else str(value))
-    console.print(table)
-    for path, reason in failures[:20]:
-        err.print(f"[yellow]failed[/] {path}: {reason}")
+    if fmt == "paths":  # the failed files, one a line (what to look at)
+        output.write_lines(f["path"] for f in failures)
+        return
+    rows = [(key, ", ".join(map(str, value)) if isinstance(value, list) else str(value))
+            for key, value in stats.items() if key != "failures"]  # fmt: skip
+    rows.append(("failures", str(len(failures))))
+    output.show(output.table(["", ""], rows, title=f"index {stats['path']}"))
+    for f in failures[:20]:
+        output.warn_failure(f["path"], f["reason"])
     if len(failures) > 20:
-        err.print(f"... and {len(failures) - 20} more failures")
+        output.note(f"... and {len(failures) - 20} more failures (cbir stats --format paths lists them all)")

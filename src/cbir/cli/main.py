@@ -1,15 +1,17 @@
-"""The ``cbir`` command: a thin typer layer over the Python API.
+"""The ``cbir`` command: a thin typer layer over the Python API (:mod:`cbir.api`).
 
-Each command family lives in its own module and registers itself on :data:`app`;
-this module only assembles them and maps library errors to clean exits.
+Each command family lives in its own module and registers itself on :data:`app`. Errors are
+mapped once, by the app's group (:class:`cbir.cli.commands.CbirGroup`): a
+:class:`cbir.errors.CbirError` becomes one ``error: <message>`` line on stderr and the error's
+``exit_code`` (docs/cli.md, "Exit codes"); invalid usage is typer's (status 2); anything else
+is a bug and keeps its traceback (status 1).
 """
 
 from __future__ import annotations
 
 import sys
 
-import typer
-
+from cbir.cli import output
 from cbir.cli.commands import app
 
 
@@ -18,7 +20,7 @@ def main() -> None:
     try:
         app()
     except KeyboardInterrupt:
-        typer.echo("interrupted", err=True)
+        output.error("interrupted")
         sys.exit(130)
 
 

@@ -17,14 +17,16 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 
-from cbir.data.decode import DEFAULT_MAX_PIXELS
-from cbir.models.backbones import DEFAULT_BACKBONE
-from cbir.models.descriptor import RADENOVIC_SCALES, Descriptor, build_descriptor
-from cbir.runtime import DEFAULT_ENGINE
+from cbir.cli.output import progress_enabled
+from cbir.defaults import DEFAULT_BACKBONE, DEFAULT_MAX_PIXELS, RADENOVIC_SCALES
+from cbir.errors import UsageError
+
+if TYPE_CHECKING:
+    from cbir.models.descriptor import Descriptor
 
 ModelOpt = Annotated[
     str,
@@ -62,10 +64,25 @@ CalibrateOpt = Annotated[
 ]
 BatchOpt = Annotated[int, typer.Option("--batch-size", "-b", help="Images per model batch.")]
 WorkersOpt = Annotated[
-    int | None, typer.Option("--workers", "-j", help="Decode worker processes (default: one per core).")
+    int | None,
+    typer.Option("--workers", "-j", help="Decode worker processes (default: one fewer than the cores, 1 to 8)."),
 ]
 MaxPixelsOpt = Annotated[int, typer.Option("--max-pixels", help="Skip images with more pixels than this.")]
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
+QuietOpt = Annotated[
+    bool, typer.Option("--quiet", "-q", help="No progress bar (there is none when stderr is not a terminal).")
+]
+ExcludeOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--exclude",
+        metavar="GLOB",
+        help="Skip files and folders matching GLOB (relative path or name, e.g. '*/private/*', '*.png'); repeatable.",
+    ),
+]
+IncludeHiddenOpt = Annotated[
+    bool,
+    typer.Option("--include-hidden", help="Also walk hidden files and folders (.*), @eaDir and .thumbnails."),
+]
 
 
 def parse_scales(text: str | None) -> list[float] | None:
@@ -85,9 +102,9 @@ def parse_scales(text: str | None) -> list[float] | None:
             else:
                 value = float(num) / float(den) if slash else float(num)
         except ValueError as exc:
-            raise typer.BadParameter(f"bad scale {part!r}") from exc
+            raise UsageError(f"--scales: bad scale {part!r}") from exc
         if value <= 0:
-            raise typer.BadParameter("scales must be positive")
+            raise UsageError("--scales: scales must be positive")
         out.append(value)
     return out or None
 
@@ -120,22 +137,21 @@ class DescriptorOptions:
 
     def build(self, **overrides: Any) -> Descriptor:
         """The descriptor (``overrides`` replace options, e.g. a command's own defaults)."""
+        from cbir.api import build_descriptor  # torch: only when a command runs
+
         o = dataclasses.replace(self, **overrides) if overrides else self
-        try:
-            return build_descriptor(
-                o.model or DEFAULT_BACKBONE, pooling=o.pooling, scales=parse_scales(o.scales),
-                whitening=o.whiten, weights=o.weights, token=o.token, image_size=o.image_size,
-                resize=o.resize, crop=o.crop,
-            )  # fmt: skip
-        except (ValueError, RuntimeError, FileNotFoundError) as exc:  # API errors -> CLI errors
-            raise typer.BadParameter(str(exc)) from exc
+        return build_descriptor(
+            o.model or DEFAULT_BACKBONE, pooling=o.pooling, scales=parse_scales(o.scales),
+            whitening=o.whiten, weights=o.weights, token=o.token, image_size=o.image_size,
+            resize=o.resize, crop=o.crop,
+        )  # fmt: skip
 
 
 @dataclass(frozen=True)
 class ExtractionOptions:
     """How to run the extraction: engine, batch, decode workers, size limit, progress."""
 
-    engine: str | None = None
+    engine: str | None = None  # None: the library's default (onnx where installed; an index's own)
     device: str = "auto"
     calibrate: Path | None = None
     batch_size: int = 32
@@ -149,10 +165,11 @@ class ExtractionOptions:
             "batch_size": self.batch_size,
             "workers": self.workers,
             "max_pixels": self.max_pixels,
-            "progress": not self.quiet,
+            "progress": progress_enabled(self.quiet),
         }
         if engine:
-            out["engine"] = self.engine or DEFAULT_ENGINE
+            if self.engine is not None:
+                out["engine"] = self.engine
             out.update(self.engine_options())
         return out
 
@@ -264,7 +281,7 @@ def parse_size(text: str | None) -> int | None:
     try:
         value = float(t[: len(t) - len(unit)]) * units[unit]
     except ValueError:
-        raise typer.BadParameter(f"{text!r}: expected a size such as 2G, 512M or 1073741824") from None
+        raise UsageError(f"{text!r}: expected a size such as 2G, 512M or 1073741824") from None
     if value <= 0:
-        raise typer.BadParameter("the memory budget must be positive")
+        raise UsageError("the memory budget must be positive")
     return int(value)

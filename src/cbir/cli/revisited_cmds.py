@@ -9,23 +9,23 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
-import numpy as np
 import typer
 
-from cbir.benchmarks import PostProcessing, learn_region_whitening, run_revisited
+from cbir.cli import output
 from cbir.cli.commands import app, bench_app
+from cbir.cli.describe_cmds import BenchJsonOpt
 from cbir.cli.options import (
     DescriptorOptions,
     ExtractionOptions,
     descriptor_options,
     extraction_options,
 )
-from cbir.data.revisited import GroundTruthError
-from cbir.diffusion import DEFAULT_K, DEFAULT_KQ
-from cbir.eval.revisited import RevisitedResult
-from cbir.fileio import atomic_numpy_save, atomic_write_text
+from cbir.defaults import DEFAULT_ALPHA, DIFFUSION_K, DIFFUSION_KQ
+
+if TYPE_CHECKING:
+    from cbir.eval.revisited import RevisitedResult
 
 #: Input size used when the model is a backbone name and no size is given: instance
 #: retrieval needs the whole image at a useful resolution (the papers use max side 1024;
@@ -42,21 +42,6 @@ def _instance_defaults(describe: DescriptorOptions) -> dict[str, object]:
         "resize": describe.resize or "keep",
         "image_size": describe.image_size or DEFAULT_INSTANCE_SIZE,
     }
-
-
-def parse_k_alpha(text: str | None, what: str) -> tuple[int, float]:
-    """``"2"`` -> (2, 3.0); ``"2,5"`` -> (2, 5.0); None or ``"0"`` -> disabled (0, 3.0)."""
-    if text is None:
-        return 0, 3.0
-    k_text, _, alpha_text = text.replace(" ", "").partition(",")
-    try:
-        k = int(k_text)
-        alpha = float(alpha_text) if alpha_text else 3.0
-    except ValueError as exc:
-        raise typer.BadParameter(f"{what} takes K or K,ALPHA (e.g. 2,3), got {text!r}") from exc
-    if k < 0 or alpha < 0:
-        raise typer.BadParameter(f"{what}: K and ALPHA must not be negative")
-    return k, alpha
 
 
 def format_result(result: RevisitedResult) -> list[str]:
@@ -85,28 +70,29 @@ def bench_revisited_cmd(
     full_query: Annotated[
         bool, typer.Option("--full-query", help="Describe whole query images, not the bbx crop.")
     ] = False,
-    qe: Annotated[
-        str | None, typer.Option("--qe", help="alpha-QE: K or K,ALPHA (e.g. 2 or 2,3).")
-    ] = None,
+    qe: Annotated[int, typer.Option("--qe", help="alpha-query expansion with the top K results (0 = off).")] = 0,
+    qe_alpha: Annotated[float, typer.Option("--qe-alpha", help="Query-expansion weight exponent.")] = DEFAULT_ALPHA,
     dba: Annotated[
-        str | None, typer.Option("--dba", help="alpha-DBA: K or K,ALPHA (e.g. 2 or 2,3).")
-    ] = None,
+        int, typer.Option("--dba", help="alpha-DBA: neighbours added to each database vector (0 = off).")
+    ] = 0,
+    dba_alpha: Annotated[float, typer.Option("--dba-alpha", help="DBA weight exponent.")] = DEFAULT_ALPHA,
     diffusion: Annotated[
         bool, typer.Option("--diffusion", help="Diffusion re-ranking (Iscen et al. 2017).")
     ] = False,
     diffusion_k: Annotated[
         int, typer.Option("--diffusion-k", help="Neighbours per node of the database graph.")
-    ] = DEFAULT_K,
+    ] = DIFFUSION_K,
     diffusion_kq: Annotated[
         int, typer.Option("--diffusion-kq", help="Database neighbours seeding each query.")
-    ] = DEFAULT_KQ,
+    ] = DIFFUSION_KQ,
     save_ranks: Annotated[
         Path | None,
         typer.Option("--save-ranks", help="Save the Nq x Ndb rankings (.npy, indices best first)."),
     ] = None,
-    json_out: Annotated[
-        Path | None, typer.Option("--json", help="Write E/M/H mAP and mP@k (percent) as JSON.")
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Write E/M/H mAP and mP@k (percent) as JSON to this file.")
     ] = None,
+    json_out: BenchJsonOpt = False,
     *,
     describe: DescriptorOptions,
     extraction: ExtractionOptions,
@@ -116,36 +102,28 @@ def bench_revisited_cmd(
     With a backbone name and no size options, images are described with their aspect
     kept and the longest side at 512 pixels.
     """
+    from cbir import api
+    from cbir.fileio import atomic_numpy_save, atomic_write_text
+
     desc = describe.build(**_instance_defaults(describe))
-    qe_k, qe_alpha = parse_k_alpha(qe, "--qe")
-    dba_k, dba_alpha = parse_k_alpha(dba, "--dba")
-    post = PostProcessing(
-        qe_k=qe_k,
-        qe_alpha=qe_alpha,
-        dba_k=dba_k,
-        dba_alpha=dba_alpha,
-        diffusion=diffusion,
-        diffusion_k=diffusion_k,
-        diffusion_kq=diffusion_kq,
-    )
-    try:
-        bench = run_revisited(
-            root, desc, gnd=gnd, full_query=full_query, post=post, **extraction.kwargs()
-        )
-    except (FileNotFoundError, RuntimeError, ValueError, GroundTruthError) as exc:
-        raise typer.BadParameter(str(exc)) from exc
+    bench = api.bench_revisited(
+        root, desc, qe=qe, qe_alpha=qe_alpha, dba=dba, dba_alpha=dba_alpha, diffusion=diffusion,
+        diffusion_k=diffusion_k, diffusion_kq=diffusion_kq, gnd=gnd, full_query=full_query, **extraction.kwargs(),
+    )  # fmt: skip
+    if save_ranks is not None:
+        atomic_numpy_save(save_ranks, bench.ranks.astype("int64"))
+    if out is not None:
+        atomic_write_text(out, json.dumps(bench.to_dict(), indent=1))
+    if json_out:
+        output.emit_json(bench.to_dict())
+        return
     feats = bench.features
     crop_note = "queries cropped to bbx" if feats.cropped_queries else "full query images"
-    typer.echo(
+    output.write(
         f"{bench.dataset}: {len(feats.queries)} queries, {len(feats.database)} database images; "
-        f"{feats.descriptor}; post-processing: {post.describe()}; {crop_note}"
+        f"{feats.descriptor}; post-processing: {bench.post.describe()}; {crop_note}"
     )
-    for line in format_result(bench.result):
-        typer.echo(line)
-    if save_ranks is not None:
-        atomic_numpy_save(save_ranks, np.asarray(bench.ranks, dtype=np.int64))
-    if json_out is not None:
-        atomic_write_text(json_out, json.dumps(bench.to_dict(), indent=1))
+    output.write_lines(format_result(bench.result))
 
 
 @app.command("rmac-whiten")
@@ -166,6 +144,7 @@ def rmac_whiten_cmd(
         int | None, typer.Option("--max-images", help="Learn on a seeded random subset.")
     ] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the subset.")] = 0,
+    json_out: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")] = False,
     *,
     describe: DescriptorOptions,
     extraction: ExtractionOptions,
@@ -176,16 +155,21 @@ def rmac_whiten_cmd(
     Region vectors are computed with PyTorch (the fit needs every region, not the pooled
     vector an inference engine returns).
     """
+    from cbir.api import user_errors
+    from cbir.benchmarks import learn_region_whitening
+
     desc = describe.build(**_instance_defaults(describe))
-    try:
+    with user_errors():
         w = learn_region_whitening(
             data, desc, dim=dim, power=power, max_images=max_images, seed=seed,
             engine="torch", **extraction.kwargs(engine=False),
         )  # fmt: skip
-    except (ValueError, FileNotFoundError) as exc:
-        raise typer.BadParameter(str(exc)) from exc
     desc.save(out)
-    typer.echo(
+    if json_out:
+        output.emit_json({"in_dim": w.in_dim, "out_dim": w.out_dim, "regions": w.meta["regions"],
+                          "images": w.meta["images"], "out": str(out), "descriptor": desc.describe_name()})  # fmt: skip
+        return
+    output.write(
         f"region whitening {w.in_dim} -> {w.out_dim} learned on {w.meta['regions']} regions of "
         f"{w.meta['images']} images -> {out} ({desc.describe_name()})"
     )

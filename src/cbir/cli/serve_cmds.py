@@ -6,12 +6,10 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
+from cbir.cli import output
 from cbir.cli.commands import app
-from cbir.index import DEFAULT_DB, IndexError_
-from cbir.serve.security import ServeConfigError
-from cbir.serve.server import resolve_token, run_server
+from cbir.defaults import DEFAULT_DB
 from cbir.serve.settings import (
     DEFAULT_BODY_TIMEOUT,
     DEFAULT_HEADER_TIMEOUT,
@@ -23,9 +21,6 @@ from cbir.serve.settings import (
     ServeSettings,
     machine_threads,
 )
-
-err = Console(stderr=True)
-
 
 DbOpt = Annotated[Path, typer.Option("--db", help="Index folder (made with 'cbir index').")]
 HostOpt = Annotated[
@@ -105,15 +100,13 @@ def serve_cmd(
     log_level: LogLevelOpt = "info",
 ) -> None:
     """Serve an index over HTTP: a JSON API (OpenAPI at /docs) and a search page at /."""
-    try:
-        writes_on, token = resolve_token(db, host, token_file, writes)
-    except ServeConfigError as exc:
-        err.print(f"[red]error:[/] {exc}")
-        raise typer.Exit(2) from exc
+    from cbir.serve.server import resolve_token, run_server  # FastAPI and the index: only to serve
+
+    writes_on, token = resolve_token(db, host, token_file, writes)
     if token.warning:
-        err.print(f"[yellow]warning:[/] {token.warning}")
+        output.note(f"[yellow]warning:[/] {token.warning}")
     if token.generated:
-        err.print(
+        output.note(
             f"write token generated in {token.path} (send it as 'Authorization: Bearer <token>')"
         )
     settings = ServeSettings(
@@ -131,8 +124,4 @@ def serve_cmd(
         max_k=max_k,
         search_threads=threads if threads > 0 else machine_threads(),
     )
-    try:
-        run_server(db, settings, root_path=root_path.rstrip("/"), log_level=log_level.lower())
-    except (ServeConfigError, IndexError_) as exc:
-        err.print(f"[red]error:[/] {exc}")
-        raise typer.Exit(2) from exc
+    run_server(db, settings, root_path=root_path.rstrip("/"), log_level=log_level.lower())

@@ -7,20 +7,17 @@ the command, so ``cbir --help`` does not load it.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from cbir.cli import output
 from cbir.cli.commands import app
-from cbir.cli.mine_cmds import GeometryOpt, MinInliersOpt, NeighboursOpt, VerifyOpt, report_text, run_mining
+from cbir.cli.mining import NEIGHBOURS, GeometryOpt, MinInliersOpt, NeighboursOpt, VerifyOpt, report_text, run_mining
 from cbir.cli.options import QuietOpt
-from cbir.errors import CbirError
-
-console = Console(stderr=False)
-err = Console(stderr=True)
 
 RECIPE_HELP = (
     "Where the settings you do not give come from: 'cpu' (default; what validation chose for about an "
@@ -57,7 +54,7 @@ def train_cmd(
     verify: VerifyOpt = "sift",
     geometry: GeometryOpt = "homography",
     min_inliers: MinInliersOpt = None,
-    neighbours: NeighboursOpt = 5,
+    neighbours: NeighboursOpt = NEIGHBOURS,
     model: Annotated[
         str | None,
         typer.Option("--model", "-m", help="Backbone (efficientnet-lite0/1/2, timm:<name>) or a descriptor file."),
@@ -175,9 +172,11 @@ def train_cmd(
         ),
     ] = None,
     quiet: QuietOpt = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")] = False,
 ) -> None:
     """Fine-tune a backbone for retrieval with hard-negative mining (Radenovic et al. 2018);
     with --unlabelled, on pairs it mines itself."""
+    from cbir.api import user_errors
     from cbir.models.backbones import DEFAULT_BACKBONE
     from cbir.train import TrainConfig, TrainDataError, default_checkpoint_dir, load_class_roots, load_train_data
     from cbir.train import train as run_train
@@ -189,7 +188,7 @@ def train_cmd(
         "weight_decay": weight_decay, "lr_decay": lr_decay, "freeze_bn": freeze_bn, "freeze": freeze,
         "sampling": sampling, "augment": augment,
     }  # fmt: skip
-    try:
+    with user_errors():  # bad values and missing files -> CbirErrors, reported by the CLI's group
         settings = resolve_recipe(recipe, explicit)
         config = TrainConfig(
             **settings,
@@ -216,7 +215,7 @@ def train_cmd(
                 data[0], pairs_csv, model=model, verify=verify, geometry=geometry, min_inliers=min_inliers,
                 neighbours=neighbours, progress=not quiet,
             )  # fmt: skip
-            err.print(f"mined: {report_text(report)} -> {pairs_csv}")
+            output.note(f"mined: {report_text(report)} -> {pairs_csv}")
             data = [pairs_csv]
         train_data = load_train_data(data)
         val_data = load_train_data([val]) if val is not None else None
@@ -230,16 +229,17 @@ def train_cmd(
             checkpoint_dir=ckpt,
             resume=resume,
             progress=not quiet,
-            log=lambda m: err.print(m),
+            log=output.note,
             holdout=holdout_data,
         )
-    except CbirError as exc:
-        if isinstance(exc, TrainDataError):
-            raise typer.BadParameter(str(exc)) from exc
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(exc.exit_code) from exc
-    except (ValueError, FileNotFoundError) as exc:
-        raise typer.BadParameter(str(exc)) from exc
+    if json_out:
+        output.emit_json({
+            "out": str(out), "descriptor": result.descriptor.describe_name(), "best_epoch": result.best_epoch,
+            "seconds": result.seconds, "whitening_val_map": result.whitening_val_map,
+            "stopped_early": result.stopped_early, "checkpoints": str(ckpt),
+            "history": [dataclasses.asdict(h) for h in result.history],
+        })  # fmt: skip
+        return
     table = Table(title=f"fine-tuning {config.model} on {', '.join(map(str, data))} (recipe {recipe})")
     for col in ("epoch", "loss", "val mAP", "p", "seconds"):
         table.add_column(col, justify="right")
@@ -251,10 +251,10 @@ def train_cmd(
             "-" if h.p is None else f"{h.p:.3f}",
             f"{h.seconds:.0f}",
         )
-    console.print(table)
+    output.show(table)
     w = f", whitened (val mAP {result.whitening_val_map:.4f})" if result.whitening_val_map is not None else ""
     a = f", interpolated at {result.extra['alpha']:g}" if "alpha" in result.extra else ""
-    console.print(
+    output.show(
         f"kept epoch {result.best_epoch}{a}{w}; {result.seconds / 60:.1f} min -> {out} "
         f"({result.descriptor.describe_name()}); checkpoints in {ckpt}"
     )

@@ -5,19 +5,47 @@ Only listing and labelling lives here; decoding is :mod:`cbir.data.decode`.
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from cbir.data.decode import is_image_path
 
+#: Folders skipped by default besides hidden ones (``.*``): thumbnail caches that NAS boxes
+#: and desktops write next to the photos (Synology's ``@eaDir``, the freedesktop cache).
+SKIPPED_FOLDERS = frozenset({"@eaDir", ".thumbnails", "#recycle", "@Recycle"})
 
-def list_images(root: str | os.PathLike, *, recursive: bool = True) -> list[Path]:
+
+def is_skipped_name(name: str) -> bool:
+    """A hidden file or folder (``.*``) or a known thumbnail folder."""
+    return name.startswith(".") or name in SKIPPED_FOLDERS
+
+
+def _excluded(rel: str, name: str, patterns: Sequence[str]) -> bool:
+    """``rel``: the path relative to the walked root (``/``-separated) matches a pattern, or
+    its last part does (``'*.png'``, ``'private'``); a folder also matches ``'*/private/*'``."""
+    return any(fnmatch.fnmatchcase(rel, pat) or fnmatch.fnmatchcase(name, pat) or fnmatch.fnmatchcase(rel + "/", pat)
+               for pat in patterns)  # fmt: skip
+
+
+def list_images(
+    root: str | os.PathLike,
+    *,
+    recursive: bool = True,
+    exclude: Sequence[str] = (),
+    include_hidden: bool = False,
+) -> list[Path]:
     """Image files under ``root`` in a stable (sorted) order.
 
     Symbolic links are followed only while they point inside ``root``, so an indexed
-    folder can never pull in files from elsewhere on the machine.
+    folder can never pull in files from elsewhere on the machine. Hidden files and folders
+    (``.*``) and thumbnail caches (:data:`SKIPPED_FOLDERS`) are left out unless
+    ``include_hidden``: their images are copies that would crowd every result list.
+    ``exclude``: glob patterns matched against each path relative to ``root`` and against its
+    name (``'*/private/*'``, ``'*.png'``); a matching folder is not entered.
     """
     root = Path(root)
     if root.is_file():
@@ -35,11 +63,19 @@ def list_images(root: str | os.PathLike, *, recursive: bool = True) -> list[Path
             dirnames[:] = []
             continue
         visited.add(real_here)
+        rel_here = here.relative_to(root).as_posix()
+        prefix = "" if rel_here == "." else rel_here + "/"
+        dirnames[:] = [
+            d for d in dirnames
+            if (include_hidden or not is_skipped_name(d)) and not _excluded(prefix + d, d, exclude)
+        ]  # fmt: skip
         # real folders before symlinked ones, so a folder is listed under its own name
         dirnames.sort(key=lambda d: (os.path.islink(os.path.join(dirpath, d)), d))
         for name in sorted(filenames):
             p = here / name
-            if not is_image_path(p):
+            if not is_image_path(p) or (not include_hidden and name.startswith(".")):
+                continue
+            if exclude and _excluded(prefix + name, name, exclude):
                 continue
             if p.is_symlink() and not _inside(p, real_root):
                 continue

@@ -15,6 +15,7 @@ look for an EXIF chunk after the pixel data) has already paid for them.
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 from collections.abc import Callable, Iterator
@@ -22,26 +23,27 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError, features
 
+from cbir.defaults import DEFAULT_MAX_PIXELS as DEFAULT_MAX_PIXELS  # written once, in cbir.defaults
 from cbir.errors import CbirError
 
 # Pillow's own bomb check is global state and raises from deep inside ``open``; we
 # enforce our own limit on the header's size before any pixel is decoded instead.
 Image.MAX_IMAGE_PIXELS = None
 
-#: Default limit on width*height (about 16k x 6k). Larger files are skipped and reported.
-DEFAULT_MAX_PIXELS = 100_000_000
 #: Default ceiling on the memory one decode may take (the decoded bitmap plus the copies
 #: made while turning it into upright 8-bit RGB), estimated from the header. It admits
 #: every image under the default pixel limit except the few modes whose conversion costs
 #: more than 20 bytes a pixel; servers set a lower one (``cbir serve --max-decode-mb``).
 DEFAULT_MAX_DECODE_BYTES = 2 * 1024**3
 
-#: Extensions treated as images when walking folders.
+#: Extensions treated as images when walking folders. HEIC/HEIF (phones' default) are read
+#: through pillow-heif, AVIF by Pillow itself (11.3 and later) or pillow-heif.
 IMAGE_EXTENSIONS = frozenset(
-    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".jfif"}
-)
+    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".jfif",
+     ".heic", ".heif", ".avif"}
+)  # fmt: skip
 
 _EXIF_ORIENTATION = 0x0112
 _SWAPPING_ORIENTATIONS = {5, 6, 7, 8}
@@ -53,6 +55,8 @@ TargetSize = Callable[[int, int], tuple[int, int]]
 
 class DecodeError(CbirError):
     """An image that cannot be turned into pixels; carries the path and a human reason."""
+
+    exit_code = 4  # docs/cli.md, "Exit codes"
 
     http_status = 422
     code = "undecodable_image"
@@ -104,7 +108,23 @@ def _describe(source: ImageSource) -> str:
     return "<bytes>" if isinstance(source, bytes) else "<stream>"
 
 
+@functools.cache
+def register_heif() -> bool:
+    """Teach Pillow HEIC/HEIF (and AVIF where Pillow lacks it) through pillow-heif, once, on the
+    first decode: importing it at start-up would cost every command, ``cbir --help`` included.
+    False when pillow-heif is not installed (such files are then reported as unrecognised)."""
+    try:
+        import pillow_heif
+    except ImportError:
+        return False
+    pillow_heif.register_heif_opener()
+    if not features.check("avif") and hasattr(pillow_heif, "register_avif_opener"):
+        pillow_heif.register_avif_opener()
+    return True
+
+
 def _open(source: ImageSource) -> Image.Image:
+    register_heif()
     if isinstance(source, bytes):
         return Image.open(io.BytesIO(source))
     return Image.open(source)

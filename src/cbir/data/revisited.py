@@ -55,6 +55,8 @@ ORIGINAL_KEYS = ("ok", "junk")
 class GroundTruthError(CbirError, ValueError):
     """The ground-truth file is unreadable, unsafe, or not in the revisitop format."""
 
+    exit_code = 4  # docs/cli.md, "Exit codes"
+
 
 class _RestrictedUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:

@@ -86,6 +86,8 @@ ID_BYTES = 8
 class MemoryBudgetError(CbirError, ValueError):
     """No index the planner knows fits the memory budget for this collection."""
 
+    exit_code = 2  # docs/cli.md, "Exit codes"
+
 
 @dataclass(frozen=True)
 class IndexPlan:

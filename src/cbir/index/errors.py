@@ -22,6 +22,7 @@ IndexError_ = CbirIndexError
 class IndexNotFoundError(CbirIndexError):
     """The folder holds no index (and creating one was not asked for)."""
 
+    exit_code = 5
     http_status = 404
     code = "no_index"
 
@@ -30,6 +31,7 @@ class IndexDamagedError(CbirIndexError):
     """A file of the index folder is missing, unreadable or inconsistent; the message says
     what is wrong and how to repair it. Nothing is overwritten while this is raised."""
 
+    exit_code = 5
     http_status = 500
     code = "index_damaged"
 
@@ -37,12 +39,14 @@ class IndexDamagedError(CbirIndexError):
 class DescriptorMismatchError(CbirIndexError):
     """Vectors or a descriptor that differ from the ones the index was built with."""
 
+    exit_code = 2
     code = "descriptor_mismatch"
 
 
 class IndexBusyError(CbirIndexError):
     """Another process is writing to this index."""
 
+    exit_code = 3
     http_status = 409
     code = "index_busy"
 
@@ -56,4 +60,5 @@ class IndexNotTrainedError(CbirIndexError):
 class QueryError(CbirIndexError):
     """The query could not be turned into a vector."""
 
+    exit_code = 4
     code = "bad_query"

@@ -11,10 +11,11 @@ catalogue's generation (after a crash, or damage found by its checksums).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -268,20 +269,39 @@ class Index:
         batch_size: int = 32,
         workers: int | None = None,
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
+        exclude: Sequence[str] | None = None,
+        include_hidden: bool | None = None,
     ) -> SyncReport:
         """Make the index mirror the image files under ``dirs``: describe new and changed
         files, drop deleted ones, follow moved/renamed ones by content hash. Files whose
-        size and mtime are unchanged are not opened."""
+        size and mtime are unchanged are not opened.
+
+        ``exclude`` (glob patterns) and ``include_hidden`` choose which files are walked (see
+        :func:`cbir.data.datasets.list_images`). They are recorded in the catalogue, and a later
+        sync that gives neither walks by the recorded rule: otherwise a plain re-run would
+        index, then a run with the rule drop, the same files over and over."""
         roots = [os.path.abspath(os.fspath(d)) for d in ([dirs] if isinstance(dirs, (str, os.PathLike)) else dirs)]
         for r in roots:
             if not os.path.isdir(r):
                 raise CbirIndexError(f"no such folder: {r}")
         start = time.perf_counter()
         with self.writer(self._wait):
+            rule = self._walk_rule(exclude, include_hidden)
             with self.catalog.transaction() as tx:
                 tx.add_roots(roots)
-            report = self._writes.run(walk(roots), roots, RunOptions(progress, batch_size, workers, max_pixels))
+                tx.set_meta({"walk_exclude": json.dumps(rule[0]), "walk_include_hidden": str(int(rule[1]))})
+            files = walk(roots, exclude=rule[0], include_hidden=rule[1])
+            report = self._writes.run(files, roots, RunOptions(progress, batch_size, workers, max_pixels))
         return timed(report, start)
+
+    def _walk_rule(self, exclude: Sequence[str] | None, include_hidden: bool | None) -> tuple[list[str], bool]:
+        """The folder-walk rule to use: the one given, else the one recorded by the last sync."""
+        recorded_exclude = json.loads(self.catalog.get_meta("walk_exclude") or "[]")
+        recorded_hidden = (self.catalog.get_meta("walk_include_hidden") or "0") == "1"
+        return (
+            list(exclude) if exclude is not None else recorded_exclude,
+            include_hidden if include_hidden is not None else recorded_hidden,
+        )
 
     def add(
         self,
@@ -297,7 +317,8 @@ class Index:
         for p in [paths] if isinstance(paths, (str, os.PathLike)) else paths:
             ap = os.path.abspath(os.fspath(p))
             if os.path.isdir(ap):
-                files.update((f.path, f) for f in walk([ap]))
+                exclude, hidden = self._walk_rule(None, None)
+                files.update((f.path, f) for f in walk([ap], exclude=exclude, include_hidden=hidden))
             elif os.path.isfile(ap):
                 files[ap] = FileStat.of(ap)
             else:

@@ -24,13 +24,13 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from cbir.defaults import DEFAULT_DB as DEFAULT_DB  # written once, in cbir.defaults
 from cbir.fileio import fsync_dir
 from cbir.index import faults
 from cbir.index.catalog import Catalog
 from cbir.index.errors import IndexDamagedError, IndexNotFoundError
 from cbir.models.descriptor import Descriptor
 
-DEFAULT_DB = ".cbir"
 DESCRIPTOR_FILE = "descriptor.cbir"
 CATALOG_FILE = "catalog.sqlite"
 CREATING_FILE = ".catalog.sqlite.creating"

@@ -151,11 +151,12 @@ def plan_changes(plan: SyncPlan, hashed: Iterable[tuple[FileStat, str, ImageReco
 
 
 # -- the I/O around the plan --------------------------------------------------------------------
-def walk(roots: Sequence[str]) -> Iterator[FileStat]:
-    """Every image file under ``roots`` (absolute paths), stat'ed, never opened."""
+def walk(roots: Sequence[str], *, exclude: Sequence[str] = (), include_hidden: bool = False) -> Iterator[FileStat]:
+    """Every image file under ``roots`` (absolute paths), stat'ed, never opened; ``exclude`` and
+    ``include_hidden`` as in :func:`cbir.data.datasets.list_images`."""
     seen: set[str] = set()
     for root in roots:
-        for p in list_images(root):
+        for p in list_images(root, exclude=exclude, include_hidden=include_hidden):
             path = os.path.abspath(p)
             if path in seen:
                 continue

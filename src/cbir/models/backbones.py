@@ -17,6 +17,7 @@ import contextlib
 import importlib
 import io
 import os
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,9 +25,8 @@ import torch
 from torch import nn
 
 from cbir.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Preprocess
+from cbir.defaults import DEFAULT_BACKBONE as DEFAULT_BACKBONE  # written once, in cbir.defaults
 from cbir.errors import CbirError
-
-DEFAULT_BACKBONE = "efficientnet-lite0"
 
 # The TF EfficientNet-Lite checkpoints were trained on inputs scaled to [-1, 1] (mean 127,
 # std 128 on 0..255), but for retrieval the ImageNet statistics describe better: on gpr-mini,
@@ -38,6 +38,8 @@ _LITE_SIZES = {"efficientnet-lite0": 224, "efficientnet-lite1": 240, "efficientn
 
 class BackboneError(CbirError, RuntimeError):
     """A backbone that cannot be built (unknown name, weights unreachable, bad file)."""
+
+    exit_code = 2  # docs/cli.md, "Exit codes"
 
 
 @dataclass
@@ -217,6 +219,25 @@ def _offline_hint(arch: str, exc: BaseException) -> str:
     )
 
 
+#: (spec, weights file or None, pretrained) -> Backbone
+BackboneBuilder = Callable[[BackboneSpec, str | None, bool], Backbone]
+_BY_NAME: dict[str, BackboneBuilder] = {}
+_BY_PREFIX: dict[str, BackboneBuilder] = {}
+
+
+def register_backbone(builder: BackboneBuilder, *, names: Iterable[str] = (), prefix: str | None = None) -> None:
+    """Make :func:`build_backbone` build ``names`` (exact) or every name starting with
+    ``prefix`` (e.g. ``timm:``) with ``builder``: a new family is one call, not a new branch."""
+    for name in names:
+        _BY_NAME[name] = builder
+    if prefix is not None:
+        _BY_PREFIX[prefix] = builder
+
+
+register_backbone(_lite, names=_LITE_SIZES)
+register_backbone(_timm, prefix="timm:")
+
+
 def build_backbone(
     name: str | BackboneSpec = DEFAULT_BACKBONE,
     *,
@@ -230,13 +251,15 @@ def build_backbone(
     if spec.token not in ("patch", "cls"):
         raise BackboneError(f"token must be 'patch' or 'cls', got {spec.token!r}")
     weights = os.fspath(weights) if weights is not None else None
-    if spec.name in _LITE_SIZES:
-        return _lite(spec, weights, pretrained)
-    if spec.name.startswith("timm:"):
-        return _timm(spec, weights, pretrained)
-    raise BackboneError(f"unknown backbone {spec.name!r}: use one of {sorted(_LITE_SIZES)} or timm:<model name>")
+    builder = _BY_NAME.get(spec.name) or next(
+        (b for prefix, b in _BY_PREFIX.items() if spec.name.startswith(prefix)), None
+    )
+    if builder is None:
+        prefixes = " or ".join(f"{p}<model name>" for p in _BY_PREFIX)
+        raise BackboneError(f"unknown backbone {spec.name!r}: use one of {sorted(_BY_NAME)} or {prefixes}")
+    return builder(spec, weights, pretrained)
 
 
 def available_backbones() -> list[str]:
     """Built-in backbone names (any timm model is also accepted as ``timm:<name>``)."""
-    return sorted(_LITE_SIZES)
+    return sorted(_BY_NAME)

@@ -22,6 +22,7 @@ from PIL import Image
 from torch import nn
 
 from cbir.data.transforms import Preprocess
+from cbir.defaults import RADENOVIC_SCALES as RADENOVIC_SCALES  # written once, in cbir.defaults
 from cbir.fileio import atomic_torch_save
 from cbir.models.backbones import DEFAULT_BACKBONE, Backbone, BackboneSpec, build_backbone
 from cbir.models.pooling import GeM, Pooling, RGeM, build_pooling, l2n, multiscale_combine
@@ -32,8 +33,6 @@ FILE_VERSION = 1
 #: File suffix used for descriptor files by convention (any name works).
 SUFFIX = ".cbir"
 
-#: Multi-scale set of Radenovic et al. 2018.
-RADENOVIC_SCALES = (1.0, 2**-0.5, 0.5)
 
 
 class Descriptor(nn.Module):
@@ -88,19 +87,34 @@ class Descriptor(nn.Module):
         return 1.0
 
     # -- computation ------------------------------------------------------------------------
-    def pooled(self, x: torch.Tensor) -> torch.Tensor:
-        """Multi-scale pooled descriptor before whitening (L2-normalised)."""
-        vectors = []
+    # The stages, written once: every engine (torch, the ONNX export, the region whitening
+    # that pools regions instead of images) goes through these, so the resampling, the
+    # cross-scale combination and the whitening cannot drift apart between them.
+    def feature_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The backbone's feature map of the normalised batch ``x`` at every scale."""
+        maps = []
         for s in self.scales:
             xs = x if s == 1.0 else F.interpolate(x, scale_factor=s, mode="bilinear", align_corners=False)
-            vectors.append(l2n(self.pooling(self.backbone(xs))))
-        return l2n(multiscale_combine(vectors, self.multiscale_power))
+            maps.append(self.backbone(xs))
+        return maps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        v = self.pooled(x)
+    def combine(self, maps: list[torch.Tensor]) -> torch.Tensor:
+        """Per-scale feature maps -> the multi-scale pooled vector (L2-normalised, not whitened)."""
+        return l2n(multiscale_combine([l2n(self.pooling(m)) for m in maps], self.multiscale_power))
+
+    def head(self, maps: list[torch.Tensor]) -> torch.Tensor:
+        """Per-scale feature maps -> descriptors: pooling, multi-scale combination, whitening."""
+        v = self.combine(maps)
         if self.whitening is not None:
             v = self.whitening(v)
         return v
+
+    def pooled(self, x: torch.Tensor) -> torch.Tensor:
+        """Multi-scale pooled descriptor before whitening (L2-normalised)."""
+        return self.combine(self.feature_maps(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.feature_maps(x))
 
     @torch.inference_mode()
     def describe(self, images: list[Image.Image] | Image.Image) -> np.ndarray:

@@ -233,13 +233,7 @@ class ExportGraph(nn.Module):
         x = self.normalize(images)
         if self.kind == "descriptor":
             return self.descriptor(x)
-        maps = []
-        for s in self.descriptor.scales:
-            xs = x
-            if s != 1.0:  # same resampling as Descriptor.pooled
-                xs = F.interpolate(x, scale_factor=s, mode="bilinear", align_corners=False)
-            maps.append(self.descriptor.backbone(xs))
-        return tuple(maps)
+        return tuple(self.descriptor.feature_maps(x))
 
 
 # ----------------------------------------------------------------------------------------

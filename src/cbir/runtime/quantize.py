@@ -31,6 +31,7 @@ How (ONNX Runtime's own tools, :func:`onnxruntime.quantization.quantize_static`)
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import os
@@ -49,7 +50,7 @@ from cbir.runtime.runner import EngineUnavailable, Runner
 
 ENGINE = "onnx-int8"
 #: Bumped whenever the quantisation recipe changes, so stale cache entries are not reused.
-QUANT_VERSION = 2
+QUANT_VERSION = 4
 #: Calibration images (spread evenly over the calibration folder's sorted files).
 CALIBRATION_IMAGES = 128
 #: Other images of the same folder on which int8 vectors are compared with fp32 ones.
@@ -98,10 +99,17 @@ def calibration_root(calibrate: str | os.PathLike | None = None) -> Path:
 
 
 def calibration_set(calibrate: str | os.PathLike | None = None) -> Calibration:
-    """Pick the calibration and check images (deterministic: sorted names, even spread)."""
+    """Pick the calibration and check images (deterministic: sorted names, even spread).
+    Listed once per folder and process (a second extraction in the same process, or the
+    index's writer after its opening, does not walk thousands of files again)."""
+    return _calibration_set(os.path.abspath(calibration_root(calibrate)))
+
+
+@functools.lru_cache(maxsize=8)
+def _calibration_set(root_path: str) -> Calibration:
     from cbir.data.datasets import list_images
 
-    root = calibration_root(calibrate)
+    root = Path(root_path)
     files = [os.fspath(f) for f in list_images(root)]
     if len(files) < 8:
         raise CalibrationUnavailable(f"{root} holds {len(files)} images; calibration needs at least 8")
@@ -165,6 +173,9 @@ def fold_normalization(model: Any) -> tuple[Any, int | None]:
     if not convs:
         return model, None
     norm_out = convs[0].input[0]
+    first = by_out.get(norm_out)
+    if first is not None and first.op_type == "Pad":  # a "same" padding before the first convolution
+        norm_out = first.input[0]
     div_std = by_out.get(norm_out)
     sub = by_out.get(div_std.input[0]) if div_std is not None and div_std.op_type == "Div" else None
     div255 = by_out.get(sub.input[0]) if sub is not None and sub.op_type == "Sub" else None
@@ -172,16 +183,27 @@ def fold_normalization(model: Any) -> tuple[Any, int | None]:
         return model, None
     std, mean, scale = const(div_std.input[1]), const(sub.input[1]), const(div255.input[1])
     readers = consumers.get(norm_out, [])
-    if std is None or mean is None or scale is None or any(r.op_type != "Conv" for r in readers):
+    convs = []  # the convolutions that see the normalised image, directly or after a zero Pad
+    for r in readers:
+        if r.op_type == "Conv":
+            convs.append(r)
+        elif r.op_type == "Pad" and r.input[0] == norm_out and _zero_pad(r, const):
+            after = consumers.get(r.output[0], [])
+            if not after or any(a.op_type != "Conv" for a in after):
+                return model, None
+            convs.extend(after)
+        elif r.op_type != "Shape":  # a Shape only reads the size, which the shift keeps
+            return model, None
+    if std is None or mean is None or scale is None or not convs:
         return model, None
     std, mean = std.reshape(-1) * float(scale.reshape(-1)[0]), mean.reshape(-1) * float(scale.reshape(-1)[0])
     # now normalised = (x - mean) / std in pixel units, per channel
     zp = int(np.clip(round(float(np.mean(mean))), 0, 255))
-    for conv in readers:
+    for conv in convs:
         if conv.input[1] not in inits or any(a.name == "group" and a.i != 1 for a in conv.attribute):
             return model, None
     done: set[str] = set()
-    for conv in readers:
+    for conv in convs:
         w = numpy_helper.to_array(inits[conv.input[1]]).astype(np.float64)
         b = numpy_helper.to_array(inits[conv.input[2]]).astype(np.float64) if len(conv.input) > 2 else np.zeros(
             w.shape[0])
@@ -203,8 +225,8 @@ def fold_normalization(model: Any) -> tuple[Any, int | None]:
     shifted = "cbir_shifted_pixels"
     g.node.insert(list(g.node).index(div255), helper.make_node("Sub", [div255.input[0], zname], [shifted],
                                                                name="/cbir_shift"))
-    for conv in readers:
-        conv.input[0] = shifted
+    for reader in readers:
+        reader.input[0] = shifted
     for node in (div_std, sub, div255):
         g.node.remove(node)
     used = {i for n in g.node for i in n.input}
@@ -256,6 +278,19 @@ def feed_pixels(model: Any, zp: int) -> bool:
     return True
 
 
+def _zero_pad(node: Any, const: Any) -> bool:
+    """A constant-mode Pad that pads with zeros (what a "same" convolution's padding is)."""
+    from onnx import helper
+
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    if attrs.get("mode", b"constant") not in (b"constant", "constant"):
+        return False
+    if len(node.input) > 2 and node.input[2]:
+        value = const(node.input[2])
+        return value is not None and not value.any()
+    return True
+
+
 @dataclass
 class Int8Info:
     """What a quantisation produced and how it compares with fp32 (stored beside it)."""
@@ -271,9 +306,13 @@ class Int8Info:
     input_size: list[int] | None = None
 
 
-def _batches(descriptor: Descriptor, files: list[str], batch_size: int = 16) -> list[np.ndarray]:
+def _batches(descriptor: Descriptor, files: list[str]) -> list[np.ndarray]:
+    """Decoded images in batches of about 8 images of 224 x 224 worth of pixels: the
+    calibrator keeps every activation of a batch, which for large inputs is gigabytes."""
     from cbir.extract import decoded_batches
 
+    side = descriptor.preprocess.size
+    batch_size = max(1, min(8, 8 * 224 * 224 // max(1, side * side)))
     return [a for _, a, _ in decoded_batches(files, descriptor.preprocess, batch_size=batch_size, workers=1)
             if a is not None]
 
@@ -293,8 +332,17 @@ def quantize(descriptor: Descriptor, fp32_path: Path, out: Path, cal: Calibratio
     batches = _batches(descriptor, cal.files)
 
     class Reader(CalibrationDataReader):
+        """One batch per range (``CalibStridedMinMax``): ranges are merged after every batch,
+        so calibration holds one batch's activations at a time, not every batch's."""
+
         def __init__(self) -> None:
-            self.it = iter(batches)
+            self.set_range(0, len(batches))
+
+        def __len__(self) -> int:
+            return len(batches)
+
+        def set_range(self, start_index: int, end_index: int) -> None:
+            self.it = iter(batches[start_index:end_index])
 
         def get_next(self) -> dict[str, np.ndarray] | None:
             b = next(self.it, None)
@@ -306,7 +354,7 @@ def quantize(descriptor: Descriptor, fp32_path: Path, out: Path, cal: Calibratio
         quantize_static(
             src, dst, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_quantize=nodes,
-            extra_options={"WeightSymmetric": True, "ActivationSymmetric": False},
+            extra_options={"WeightSymmetric": True, "ActivationSymmetric": False, "CalibStridedMinMax": 1},
         )
         quantized = onnx.load(dst)
         if zp is not None:
@@ -352,15 +400,19 @@ def int8_model(
     """
     from cbir.runtime.onnx_runner import cached_model
 
-    cal = calibration_set(calibrate or descriptor.meta.get("calibration_dir"))
     recorded = (descriptor.numerics or {}).get("calibration")
-    if recorded is not None and recorded != cal.digest:
+    # the descriptor names its calibration digest: a cached graph is found without listing
+    # (and hashing) the calibration folder, which for thousands of files takes a second
+    cal = None if recorded is not None and calibrate is None else calibration_set(
+        calibrate or descriptor.meta.get("calibration_dir"))
+    if cal is not None and recorded is not None and recorded != cal.digest:
         raise CalibrationUnavailable(
             f"this descriptor's int8 vectors were calibrated on another image set (digest {recorded}); "
             f"{cal.root} gives {cal.digest}: pass the original --calibrate folder"
         )
+    digest = recorded if cal is None else cal.digest
     fp32_path, fp32_info = cached_model(descriptor, cache_dir, verbose=verbose)
-    out = fp32_path.with_name(f"{fp32_path.stem}-int8-{cal.digest}.onnx")
+    out = fp32_path.with_name(f"{fp32_path.stem}-int8-{digest}.onnx")
     meta = out.with_suffix(".json")
     if meta.is_file():
         try:
@@ -371,6 +423,13 @@ def int8_model(
             raise EngineUnavailable(info.reason)
         if info is not None and out.is_file():
             return out, info
+    if cal is None:
+        cal = calibration_set(descriptor.meta.get("calibration_dir"))
+        if cal.digest != recorded:
+            raise CalibrationUnavailable(
+                f"the int8 graph of calibration {recorded} is not cached and {cal.root} now gives {cal.digest}: "
+                "pass the original --calibrate folder"
+            )
     if verbose:
         print(f"quantising {descriptor.describe_name()} to int8 on {len(cal.files)} images of {cal.root} "
               f"({out}) ...", file=sys.stderr)

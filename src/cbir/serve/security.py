@@ -60,6 +60,8 @@ _SNIFF_BYTES = 16
 class ServeConfigError(CbirError, ValueError):
     """The server was asked to start in a configuration it refuses (reported, then exit)."""
 
+    exit_code = 2  # invalid usage (docs/cli.md, "Exit codes")
+
 
 def sniff_image_format(head: bytes) -> str | None:
     """The image format the first bytes belong to, by Pillow's own signature checks.

@@ -109,13 +109,13 @@ def run_server(
     """Serve the index folder ``db`` until interrupted (blocking)."""
     import uvicorn
 
-    from cbir.index import Index
+    from cbir.api import open_index
     from cbir.serve.app import create_app
 
     configure_logging(log_level)
     settings.validate()
     per_search = configure_threads(settings.search_threads)
-    index = Index.open(db, create=False, readonly=not settings.writes)
+    index = open_index(db, readonly=not settings.writes)  # the facade: never creates an index
     try:
         app = create_app(index, settings)
         stats = index.stats()

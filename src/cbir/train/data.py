@@ -33,6 +33,8 @@ from cbir.errors import CbirError
 class TrainDataError(CbirError, ValueError):
     """Training data that cannot be used (missing files, no pairs, bad CSV)."""
 
+    exit_code = 4  # docs/cli.md, "Exit codes"
+
 
 @dataclass
 class TrainData:

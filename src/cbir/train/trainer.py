@@ -18,7 +18,6 @@ command that takes ``--model`` uses it.
 
 from __future__ import annotations
 
-import math
 import os
 import random
 import time
@@ -32,6 +31,7 @@ import torch
 from torch import nn
 
 from cbir.allocator import tune_allocator
+from cbir.defaults import RADENOVIC_LR_DECAY as RADENOVIC_LR_DECAY  # written once, in cbir.defaults
 from cbir.eval.gpr1200 import evaluate_labelled
 from cbir.fileio import atomic_torch_save
 from cbir.models.backbones import DEFAULT_BACKBONE
@@ -49,8 +49,6 @@ CHECKPOINT_FORMAT = "cbir-train-checkpoint"
 CHECKPOINT_VERSION = 1
 #: Training images whose regions initialise R-MAC's region whitening (PCA; Gordo et al. 2017).
 REGION_WHITENING_IMAGES = 200
-#: Per-epoch learning-rate decay of Radenovic et al. (cirtorch's ``exp(-0.01)``).
-RADENOVIC_LR_DECAY = math.exp(-0.01)
 
 
 @dataclass
@@ -488,6 +486,12 @@ class Trainer:
             self._update_best(val)
             if val is not None:
                 self.log(f"epoch 0 (off the shelf): validation mAP {val:.4f}{self._domains_text()}")
+                if val >= 1.0 and c.keep == "best":
+                    self.log(
+                        "warning: validation is already perfect off the shelf (e.g. held-out clusters of "
+                        "near-duplicates), so it cannot choose an epoch and 'best' keeps epoch 0: give "
+                        "--holdout DIR (other data), --val DIR or --keep last"
+                    )
         stopped = False
         while self.epoch < c.epochs:
             epoch = self.epoch + 1

@@ -39,6 +39,8 @@ MAX_TRAINING_SAMPLE = 200_000
 class FactoryError(CbirIndexError):
     """The factory string is not one FAISS can build for this dimension."""
 
+    exit_code = 2  # docs/cli.md, "Exit codes"
+
 
 class StoreFileError(Exception):
     """A store file is missing, unreadable, or does not match its recorded checksum."""
