@@ -93,7 +93,7 @@ class Cluster:
         self._start(f"--address={self.address}", "--node-ip-address=127.0.0.1")
         self._wait_cpus(2)
 
-    def _wait_cpus(self, n: int, timeout: float = 120) -> None:
+    def _wait_cpus(self, n: int, timeout: float = 300) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             res = subprocess.run([str(BIN / "ray"), "status", f"--address={self.address}"],
@@ -177,7 +177,7 @@ def _extract_args(images: Path, out: Path, cluster: Cluster, descriptor_file: Pa
 
 
 def _run(args: list[str], cluster: Cluster) -> subprocess.CompletedProcess:
-    return subprocess.run(args, capture_output=True, text=True, env=cluster.env, timeout=300)
+    return subprocess.run(args, capture_output=True, text=True, env=cluster.env, timeout=600)
 
 
 def _rows(out: Path) -> tuple[Counter, dict[str, np.ndarray], dict[str, str]]:
@@ -208,7 +208,7 @@ def _check_complete(out: Path, reference: dict[str, np.ndarray], broken: str) ->
     assert not list((out / "embeddings").glob(".*.tmp"))
 
 
-def _wait_for_shards(out: Path, n: int, proc: subprocess.Popen, timeout: float = 180) -> None:
+def _wait_for_shards(out: Path, n: int, proc: subprocess.Popen, timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
     while len(list((out / "embeddings").glob("*.parquet"))) < n:
         assert proc.poll() is None, "the run ended before it could be interrupted"

@@ -109,6 +109,20 @@ def whitening(data: PathLike, descriptor: Descriptor, *, kind: str = "pca", dim:
         return learn_whitening(data, descriptor, kind=kind, dim=dim, power=power, progress=progress, **options)
 
 
+def region_whitening(data: PathLike, descriptor: Descriptor, *, dim: int | None = None, power: float = 1.0,
+                     max_images: int | None = None, seed: int = 0, progress: bool = False,
+                     **options: Any) -> Whitening:  # fmt: skip
+    """Learn R-MAC's region-wise PCA-whitening (Gordo et al. 2016) on a set apart from any
+    benchmark and attach it to ``descriptor`` (save the descriptor to keep it). Region vectors
+    come from PyTorch: the fit needs every region, not the pooled vector of an inference engine."""
+    from cbir.benchmarks import learn_region_whitening
+
+    options["engine"] = "torch"
+    with user_errors():
+        return learn_region_whitening(data, descriptor, dim=dim, power=power, max_images=max_images, seed=seed,
+                                      progress=progress, **options)  # fmt: skip
+
+
 # ---------------------------------------------------------------------------------------
 # indexes
 # ---------------------------------------------------------------------------------------
@@ -299,6 +313,7 @@ __all__ = [
     "index_stats",
     "list_images",
     "open_index",
+    "region_whitening",
     "search",
     "user_errors",
     "whitening",

@@ -42,7 +42,7 @@ DEFAULT_THRESHOLD = 0.8778
 # --verify (:class:`Verification`): calibrated in the same run, recorded in the same file.
 VERIFY_MIN_INLIERS = 10
 VERIFY_FLOOR = 0.4
-VERIFY_K = 5
+VERIFY_K = 10
 
 SearchFn = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]
 """(queries m x d, k) -> (scores m x k, ids m x k), best first; id -1 where there is none."""
