@@ -56,8 +56,8 @@ def load_gpr(args: argparse.Namespace) -> np.ndarray | None:
 
 def markdown(sections: list[tuple[str, list[ann_bench.Result]]]) -> str:
     head = (
-        "| collection | index | search params | recall@10 | median ms | p99 ms | build s | memory MiB "
-        "(estimate) | chosen | note |\n|---|---|---|---:|---:|---:|---:|---:|---|---|\n"
+        "| collection | index | search params | recall@10 | median ms | p99 ms | median CPU ms | build s | "
+        "memory MiB (estimate) | chosen | note |\n|---|---|---|---:|---:|---:|---:|---:|---:|---|---|\n"
     )
     lines = [head]
     for title, rows in sections:
@@ -66,7 +66,8 @@ def markdown(sections: list[tuple[str, list[ann_bench.Result]]]) -> str:
             lat = f" ({r.latency_queries} q)" if r.index == "Flat" else ""
             lines.append(
                 f"| {title} | {r.index} | {params} | {r.recall_at_10:.4f} | {r.median_ms:.2f}{lat} | "
-                f"{r.p99_ms:.2f} | {r.build_s:.1f} | {r.memory_mb:,.0f} ({r.estimated_mb:,.0f}) | "
+                f"{r.p99_ms:.2f} | {r.median_cpu_ms:.2f} | {r.build_s:.1f} | "
+                f"{r.memory_mb:,.0f} ({r.estimated_mb:,.0f}) | "
                 f"{'**yes**' if r.chosen else ''} | {r.label} |\n"
             )
     return "".join(lines)

@@ -14,15 +14,17 @@
    time, single-query latency (median, p99; one client thread) and recall@10 against exact
    search (NumPy brute force) for several ef values.
 
-Synthetic vectors: ``synthetic_unit`` below (power-law spectrum over 256 random directions
-plus 5% isotropic noise, L2-normalised), labelled as synthetic in the results; not real
-descriptors (the ANN developer's generator fitted to real descriptors was not on main).
+Synthetic vectors: draws of :mod:`cbir.index.synthetic`, the model fitted to real
+default-descriptor vectors of train-pool and rparis-mini (the one ``cbir bench ann
+--synthetic`` uses; docs/ann.md), labelled as synthetic in the results. In ``search`` the
+queries are held-out draws of the same model, not copies of collection vectors.
 
 Usage (from the project root; timed parts under the shared lock; large files under /tmp,
 deleted at the end):
     flock /work/coord/bench.lock .venv/bin/python bench/distributed.py \\
         [--images 480] [--repeats 3] [--vectors 1000000] [--search-n 100000] [--parts extract,import,search]
-Writes bench/results/distributed.json and .md.
+Writes bench/results/distributed-PARTS.json and .md (one file per set of parts, so parts
+run one after another do not overwrite each other).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -46,14 +49,14 @@ DATA = ROOT.parent / "shared" / "datasets"
 RESULTS = ROOT / "bench" / "results"
 
 
-def synthetic_unit(n: int, dim: int, seed: int, *, rank: int = 256, noise: float = 0.05) -> np.ndarray:
-    """Unit vectors with structure (eigenvalues ~ 1/i over ``rank`` random directions) plus
-    isotropic noise: closer to descriptors than isotropic Gaussians, and labelled synthetic."""
-    rng = np.random.default_rng(seed)
-    basis = np.linalg.qr(np.random.default_rng(12345).normal(size=(dim, rank)))[0].T.astype(np.float32)
-    z = rng.normal(size=(n, rank)).astype(np.float32) / np.sqrt(np.arange(1, rank + 1, dtype=np.float32))
-    x = z @ basis + noise * rng.normal(size=(n, dim)).astype(np.float32) / np.sqrt(dim)
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
+SYNTHETIC = "draws of the model fitted to real descriptors (cbir.index.synthetic), not real descriptors"
+
+
+def synthetic_batches(n: int, seed: int, batch: int) -> Iterator[np.ndarray]:
+    """``n`` synthetic 1280-d descriptors in batches of about ``batch`` rows (whole clusters)."""
+    from cbir.index.synthetic import DescriptorModel
+
+    yield from DescriptorModel.load().batches(n, seed=seed, batch=batch)
 
 
 # ----------------------------------------------------------------------------------------
@@ -112,12 +115,16 @@ def write_parquet(out: Path, n: int, dim: int, shard_rows: int = 50_000) -> None
 
     folder = EmbeddingsFolder(out)
     folder.prepare(build_descriptor())
-    for start in range(0, n, shard_rows):
-        m = min(shard_rows, n - start)
+    start = 0
+    for x in synthetic_batches(n, seed=0, batch=shard_rows):
+        m = len(x)
+        if x.shape[1] != dim:
+            raise ValueError(f"the synthetic model is {x.shape[1]}-d, not {dim}-d")
         paths = [f"/synthetic/{i:08d}.jpg" for i in range(start, start + m)]
         table = rows_table(dim, paths, [1000] * m, [1] * m, [f"{i:064x}" for i in range(start, start + m)],
-                           synthetic_unit(m, dim, seed=start), [None] * m)  # fmt: skip
+                           x, [None] * m)  # fmt: skip
         write_shard(folder.shard_dir, table)
+        start += m
     folder.write_manifest({"synthetic": True})
 
 
@@ -151,7 +158,7 @@ def bench_import(n: int, work: Path) -> dict:
         shutil.rmtree(db, ignore_errors=True)
     parquet_gb = sum(p.stat().st_size for p in src.rglob("*") if p.is_file()) / 1e9
     return {"rows": rows, "dim": dim, "parquet_gb": round(parquet_gb, 2), "parquet_write_s": round(gen, 1),
-            "vectors": "synthetic_unit (power-law spectrum + noise), not real descriptors"}  # fmt: skip
+            "vectors": SYNTHETIC}  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------
@@ -160,9 +167,9 @@ def bench_import(n: int, work: Path) -> dict:
 def bench_search(n: int, work: Path, n_queries: int = 200, dim: int = 1280) -> dict:
     from cbir.index.stores import ArraySource, SearchParams
     from cbir.index.stores.milvus import MilvusStore, parse_store_spec
+    from cbir.index.synthetic import DescriptorModel, write_collection
 
-    x = synthetic_unit(n + n_queries, dim, seed=7)
-    db, q = x[:n], x[n:]
+    db, q = write_collection(DescriptorModel.load(), n, queries=n_queries, dim=dim, seed=7)
     exact = np.argsort(-(q @ db.T), axis=1)[:, :10]
     spec = parse_store_spec(f"milvus:{work}/search.db#index=HNSW,M=16,efConstruction=200,collection=bench")
     store = MilvusStore(spec, dim)
@@ -190,7 +197,7 @@ def bench_search(n: int, work: Path, n_queries: int = 200, dim: int = 1280) -> d
     store.close()
     return {"rows": rows, "vectors": n, "dim": dim, "queries": n_queries, "build_s": round(build, 1),
             "exact_numpy_ms_per_query": round(exact_ms, 2),
-            "data": "synthetic_unit (power-law spectrum + noise), not real descriptors"}  # fmt: skip
+            "data": SYNTHETIC}  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------
@@ -212,8 +219,9 @@ def main() -> None:
     ap.add_argument("--vectors", type=int, default=1_000_000)
     ap.add_argument("--search-n", type=int, default=100_000)
     ap.add_argument("--parts", default="extract,import,search")
-    ap.add_argument("--out", type=Path, default=RESULTS / "distributed.json")
+    ap.add_argument("--out", type=Path, help="default: bench/results/distributed-PARTS.json")
     args = ap.parse_args()
+    args.out = args.out or RESULTS / f"distributed-{args.parts.replace(',', '-')}.json"
     work = Path(tempfile.mkdtemp(prefix="cbir-bench-dist-", dir="/tmp"))
     results = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{os.cpu_count()} cores",
                "command": " ".join(sys.argv), "parts": {}}  # fmt: skip

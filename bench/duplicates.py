@@ -279,6 +279,7 @@ def main() -> None:
         pairs = nd.make_pairs(classes, args.pairs, args.work / name.split(" ")[0], seed=args.seed + i)
         splits.append(Split(name, pairs, np.array([p.duplicate for p in pairs])))
     run: dict[str, Any] = {"command": "bench/duplicates.py " + " ".join(_argv()), "seed": args.seed}
+    run["uptime_start"] = _uptime()
     run["extraction"] = describe(splits, args.workers)
     hash_distances(splits)
     verifier = None

@@ -89,6 +89,8 @@ def test_version() -> None:
 
     code, out, _ = cli("--version")
     assert code == 0 and out.strip() == f"cbir {cbir.__version__}"
+    _, out, _ = cli("--help")
+    assert "3 index busy" in out and "5 index missing or damaged" in " ".join(out.split())
 
 
 @pytest.mark.parametrize("command", [[], ["index"], ["search"], ["extract"], ["train"], ["bench", "gpr1200"],

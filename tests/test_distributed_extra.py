@@ -50,3 +50,20 @@ def test_a_missing_dependency_names_the_extra(blocked, monkeypatch, tmp_path: Pa
     said = " ".join(res.output.split())  # unwrapped
     assert "pip install 'cbir[distributed]'" in said and f"needs {blocked}" in said
     assert res.exception is None or isinstance(res.exception, SystemExit)
+
+
+def test_light_ray_stages_do_not_import_torch() -> None:
+    """The stat and Parquet-writing stages run in Ray worker processes of their own, started
+    per job: importing their module (and the package) must not import PyTorch, which costs
+    those workers seconds and ~1 GB each."""
+    code = (
+        "import sys\n"
+        "import cbir, cbir.distributed.stages as s\n"
+        "assert callable(s.stat_files) and callable(s.shard_sink_class)\n"
+        "heavy = sorted(m for m in ('torch', 'torchvision', 'onnxruntime') if m in sys.modules)\n"
+        "print(heavy)\n"
+        "assert not heavy, heavy\n"
+        "assert cbir.CbirError.__name__ == 'CbirError'  # the package's names still resolve\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr

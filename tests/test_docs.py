@@ -63,7 +63,7 @@ def test_docs_say_what_shared_datasets_is() -> None:
     unexplained = [
         p.name for p in pages if "../shared/datasets" in p.read_text() and not explained.search(p.read_text())
     ]
-    assert not unexplained, unexplained
+    assert not unexplained, f"say what ../shared/datasets is (benchmark data beside the project root): {unexplained}"
 
 
 def test_package_description_is_short() -> None:

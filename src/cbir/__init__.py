@@ -25,7 +25,8 @@ __version__ = "0.1.0"
 _LAZY = {
     **{name: "cbir.api" for name in (
         "bench_gpr1200", "bench_revisited", "build_descriptor", "create_index", "extract", "find_duplicates",
-        "fine_tune", "index_folders", "index_stats", "list_images", "open_index", "search", "whitening",
+        "fine_tune", "index_folders", "index_stats", "list_images", "open_index", "region_whitening", "search",
+        "whitening",
     )},  # fmt: skip
     "Index": "cbir.index",
     "Hit": "cbir.index",

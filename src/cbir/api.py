@@ -109,6 +109,20 @@ def whitening(data: PathLike, descriptor: Descriptor, *, kind: str = "pca", dim:
         return learn_whitening(data, descriptor, kind=kind, dim=dim, power=power, progress=progress, **options)
 
 
+def region_whitening(data: PathLike, descriptor: Descriptor, *, dim: int | None = None, power: float = 1.0,
+                     max_images: int | None = None, seed: int = 0, progress: bool = False,
+                     **options: Any) -> Whitening:  # fmt: skip
+    """Learn R-MAC's region-wise PCA-whitening (Gordo et al. 2016) on a set apart from any
+    benchmark and attach it to ``descriptor`` (save the descriptor to keep it). Region vectors
+    come from PyTorch: the fit needs every region, not the pooled vector of an inference engine."""
+    from cbir.benchmarks import learn_region_whitening
+
+    options["engine"] = "torch"
+    with user_errors():
+        return learn_region_whitening(data, descriptor, dim=dim, power=power, max_images=max_images, seed=seed,
+                                      progress=progress, **options)  # fmt: skip
+
+
 # ---------------------------------------------------------------------------------------
 # indexes
 # ---------------------------------------------------------------------------------------
@@ -257,20 +271,32 @@ def bench_revisited(root: PathLike, descriptor: Descriptor | None = None, *, qe:
             raise InputError(str(exc)) from exc
 
 
-def fine_tune(data: Sequence[PathLike], out: PathLike | None = None, *, val: PathLike | None = None,
-              resume: PathLike | None = None, checkpoint_dir: PathLike | None = None, progress: bool = False,
-              log: Any = None, **config: Any) -> TrainResult:  # fmt: skip
+def fine_tune(data: Sequence[PathLike], out: PathLike | None = None, *, recipe: str | None = None,
+              val: PathLike | None = None, holdout: Sequence[PathLike] | None = None, resume: PathLike | None = None,
+              checkpoint_dir: PathLike | None = None, progress: bool = False, log: Any = None,
+              **config: Any) -> TrainResult:  # fmt: skip
     """Fine-tune a backbone for retrieval (Radenovic et al. 2018) on class folders or a CSV of
-    pairs and write the descriptor file ``out``; ``config``: :class:`cbir.train.TrainConfig` fields."""
-    from cbir.train import TrainConfig, default_checkpoint_dir, load_train_data, train
+    pairs and write the descriptor file ``out``.
+
+    ``config``: :class:`cbir.train.TrainConfig` fields; with ``recipe`` (``cpu``, ``paper``;
+    see :mod:`cbir.train.recipes`) the fields left ``None`` come from the recipe. ``val``:
+    validation class folders; ``holdout``: class folders of other data added to validation."""
+    from cbir.train import TrainConfig, default_checkpoint_dir, load_class_roots, load_train_data, train
 
     with user_errors():
-        cfg = TrainConfig(**config)
+        if recipe is not None:
+            from cbir.train.recipes import resolve_recipe
+
+            settings = {**resolve_recipe(recipe, config), "recipe": recipe}
+        else:
+            settings = {k: v for k, v in config.items() if v is not None}
+        cfg = TrainConfig(**settings)
         train_data = load_train_data(list(data))
         val_data = load_train_data([val]) if val is not None else None
+        holdout_data = load_class_roots(list(holdout)) if holdout else None
         ckpt = checkpoint_dir or (default_checkpoint_dir(out) if out is not None else None)
         return train(cfg, train_data, val=val_data, out=out, checkpoint_dir=ckpt, resume=resume,
-                     progress=progress, log=log)  # fmt: skip
+                     progress=progress, log=log, holdout=holdout_data)  # fmt: skip
 
 
 __all__ = [
@@ -287,6 +313,7 @@ __all__ = [
     "index_stats",
     "list_images",
     "open_index",
+    "region_whitening",
     "search",
     "user_errors",
     "whitening",

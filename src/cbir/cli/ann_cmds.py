@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -11,6 +10,7 @@ from typing import Annotated
 
 import typer
 
+from cbir.cli import output
 from cbir.cli.commands import bench_app
 from cbir.cli.options import parse_size
 
@@ -57,7 +57,7 @@ def bench_ann_cmd(
     else:
         results = ann_bench.bench_index(db, queries=queries, workdir=str(workdir) if workdir else None, **options)
     if json_out:
-        typer.echo(json.dumps({"results": [r.to_json() for r in results]}))
+        output.emit_json({"results": [r.to_json() for r in results]})
         return
     _table(results)
 
@@ -71,10 +71,8 @@ def _progress() -> Callable[[str], None]:
 
 
 def _table(results: list) -> None:
-    from rich.console import Console
     from rich.table import Table
 
-    terminal = sys.stdout.isatty()
     table = Table(title="ANN candidates (recall against exact search; latency: one query, one thread)")
     for name in ("index", "params", "recall@10", "median ms", "p99 ms", "build s", "memory MiB", "chosen"):
         table.add_column(name, justify="left" if name in ("index", "params") else "right")
@@ -84,4 +82,4 @@ def _table(results: list) -> None:
             r.index, params, f"{r.recall_at_10:.4f}", f"{r.median_ms:.2f}", f"{r.p99_ms:.2f}",
             f"{r.build_s:.1f}", f"{r.memory_mb:,.0f}", "yes" if r.chosen else "",
         )  # fmt: skip
-    Console(width=None if terminal else 10_000, soft_wrap=not terminal, no_color=not terminal).print(table)
+    output.show(table)  # unwrapped and uncoloured when stdout is not a terminal

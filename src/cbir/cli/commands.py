@@ -70,6 +70,8 @@ app = typer.Typer(
     cls=CbirGroup,
     name="cbir",
     help="Content-based image retrieval: describe, benchmark, index and search images.",
+    epilog="Exit codes: 0 ok, 1 unexpected error, 2 invalid usage, 3 index busy, 4 bad input "
+    "(no images, a file given as a folder), 5 index missing or damaged. See docs/cli.md.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
@@ -91,11 +93,7 @@ def _root(
         typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit."),
     ] = False,
 ) -> None:
-    """Content-based image retrieval: describe, benchmark, index and search images.
-
-    Exit codes: 0 ok, 1 unexpected error, 2 invalid usage, 3 index busy, 4 bad input,
-    5 index missing or damaged (docs/cli.md).
-    """
+    """Options of ``cbir`` itself (``--version``); the commands are registered below."""
 
 
 bench_app = typer.Typer(help="Score a descriptor on a retrieval benchmark.", no_args_is_help=True)

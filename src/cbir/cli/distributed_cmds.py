@@ -8,20 +8,16 @@ error's exit status, no traceback.
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 
+from cbir.cli import output
 from cbir.cli.options import ExtractionOptions
 from cbir.cli.output import progress_enabled
 from cbir.models.descriptor import Descriptor
-
-console = Console(stderr=False)
-err = Console(stderr=True)
 
 _ADDRESS = re.compile(r"^(auto|local|ray://[^\s/]+:\d+|[A-Za-z0-9_.\-\[\]:]+:\d+)$")
 
@@ -61,7 +57,7 @@ def extract_on_ray(
         engine=extraction.engine or DEFAULT_ENGINE, max_pixels=extraction.max_pixels,
         progress=progress_enabled(extraction.quiet),
     )  # fmt: skip
-    console.print(
+    output.write(
         f"{report.described} images described, {report.failed} failed in this run "
         f"({report.workers} Ray workers, {report.engine}, {report.images_per_second:.1f} images/s); "
         f"{out}: {report.rows} images, {report.total_failed} failures (manifest.json)"
@@ -85,13 +81,13 @@ def import_into_index(
 
     report = import_vectors(source, db, model=descriptor, store=store, wait=wait)
     if json_out:
-        typer.echo(json.dumps(report.to_dict()))
+        output.emit_json(report.to_dict())
         return
     for path, reason in report.skipped[:20]:
-        err.print(f"[yellow]skipped[/] {escape(path)}: {escape(reason)}")
+        output.note(f"[yellow]skipped[/] {escape(path)}: {escape(reason)}")
     if len(report.skipped) > 20:
-        err.print(f"... and {len(report.skipped) - 20} more skipped")
-    console.print(
+        output.note(f"... and {len(report.skipped) - 20} more skipped")
+    output.write(
         f"{report.added} added, {report.updated} updated, {report.unchanged} unchanged, "
         f"{len(report.skipped)} skipped; no image described, {report.seconds:.1f}s. {db}"
     )

@@ -155,15 +155,12 @@ def rmac_whiten_cmd(
     Region vectors are computed with PyTorch (the fit needs every region, not the pooled
     vector an inference engine returns).
     """
-    from cbir.api import user_errors
-    from cbir.benchmarks import learn_region_whitening
+    from cbir import api
 
     desc = describe.build(**_instance_defaults(describe))
-    with user_errors():
-        w = learn_region_whitening(
-            data, desc, dim=dim, power=power, max_images=max_images, seed=seed,
-            engine="torch", **extraction.kwargs(engine=False),
-        )  # fmt: skip
+    w = api.region_whitening(
+        data, desc, dim=dim, power=power, max_images=max_images, seed=seed, **extraction.kwargs(engine=False)
+    )
     desc.save(out)
     if json_out:
         output.emit_json({"in_dim": w.in_dim, "out_dim": w.out_dim, "regions": w.meta["regions"],

@@ -176,11 +176,10 @@ def train_cmd(
 ) -> None:
     """Fine-tune a backbone for retrieval with hard-negative mining (Radenovic et al. 2018);
     with --unlabelled, on pairs it mines itself."""
+    from cbir import api
     from cbir.api import user_errors
     from cbir.models.backbones import DEFAULT_BACKBONE
-    from cbir.train import TrainConfig, TrainDataError, default_checkpoint_dir, load_class_roots, load_train_data
-    from cbir.train import train as run_train
-    from cbir.train.recipes import resolve_recipe
+    from cbir.train import TrainDataError, default_checkpoint_dir
 
     explicit = {
         "loss": loss, "margin": margin, "epochs": epochs, "max_tuples": max_tuples, "negatives": negatives,
@@ -189,49 +188,25 @@ def train_cmd(
         "sampling": sampling, "augment": augment,
     }  # fmt: skip
     with user_errors():  # bad values and missing files -> CbirErrors, reported by the CLI's group
-        settings = resolve_recipe(recipe, explicit)
-        config = TrainConfig(
-            **settings,
-            model=model or DEFAULT_BACKBONE,
-            pooling=pooling,
-            chunk=chunk,
-            val_fraction=0.0 if val is not None else val_fraction,
-            stratify=stratify,
-            seed=seed,
-            whiten=whiten,
-            whiten_dim=whiten_dim,
-            keep=keep,
-            time_limit=time_limit * 60 if time_limit else None,
-            patience=patience,
-            interpolate=interpolate,
-            device=device,
-            recipe=recipe,
-        )
         if unlabelled:
             if len(data) != 1 or not data[0].is_dir():
                 raise TrainDataError("--unlabelled takes one folder of images")
             pairs_csv = out.with_name(out.stem + ".pairs.csv")
             report = run_mining(
                 data[0], pairs_csv, model=model, verify=verify, geometry=geometry, min_inliers=min_inliers,
-                neighbours=neighbours, progress=not quiet,
+                neighbours=neighbours, progress=output.progress_enabled(quiet),
             )  # fmt: skip
             output.note(f"mined: {report_text(report)} -> {pairs_csv}")
             data = [pairs_csv]
-        train_data = load_train_data(data)
-        val_data = load_train_data([val]) if val is not None else None
-        holdout_data = load_class_roots(holdout) if holdout else None
-        ckpt = checkpoints or default_checkpoint_dir(out)
-        result = run_train(
-            config,
-            train_data,
-            val=val_data,
-            out=out,
-            checkpoint_dir=ckpt,
-            resume=resume,
-            progress=not quiet,
-            log=output.note,
-            holdout=holdout_data,
-        )
+    ckpt = checkpoints or default_checkpoint_dir(out)
+    result = api.fine_tune(
+        data, out, recipe=recipe, val=val, holdout=holdout, resume=resume, checkpoint_dir=ckpt,
+        progress=output.progress_enabled(quiet), log=output.note, **explicit,
+        model=model or DEFAULT_BACKBONE, pooling=pooling, chunk=chunk,
+        val_fraction=0.0 if val is not None else val_fraction, stratify=stratify, seed=seed, whiten=whiten,
+        whiten_dim=whiten_dim, keep=keep, time_limit=time_limit * 60 if time_limit else None, patience=patience,
+        interpolate=interpolate, device=device,
+    )  # fmt: skip
     if json_out:
         output.emit_json({
             "out": str(out), "descriptor": result.descriptor.describe_name(), "best_epoch": result.best_epoch,
@@ -240,7 +215,7 @@ def train_cmd(
             "history": [dataclasses.asdict(h) for h in result.history],
         })  # fmt: skip
         return
-    table = Table(title=f"fine-tuning {config.model} on {', '.join(map(str, data))} (recipe {recipe})")
+    table = Table(title=f"fine-tuning {model or DEFAULT_BACKBONE} on {', '.join(map(str, data))} (recipe {recipe})")
     for col in ("epoch", "loss", "val mAP", "p", "seconds"):
         table.add_column(col, justify="right")
     for h in result.history:

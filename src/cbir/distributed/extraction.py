@@ -26,7 +26,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,14 +36,8 @@ import numpy as np
 from cbir.data.decode import DEFAULT_MAX_PIXELS
 from cbir.distributed.cluster import cluster_cpus, ray_session
 from cbir.distributed.deps import require
-from cbir.distributed.embeddings import (
-    EmbeddingsError,
-    EmbeddingsFolder,
-    contains,
-    key_digests,
-    rows_table,
-    write_shard,
-)
+from cbir.distributed.embeddings import EmbeddingsError, EmbeddingsFolder, rows_table
+from cbir.distributed.stages import shard_sink_class, stat_files
 from cbir.models.descriptor import Descriptor
 from cbir.runtime import DEFAULT_ENGINE
 
@@ -72,32 +66,6 @@ class DistributedReport:
 # ----------------------------------------------------------------------------------------
 # stages (run on the workers; plain functions of Arrow tables)
 # ----------------------------------------------------------------------------------------
-def stat_files(batch: Any, done: np.ndarray, base: str) -> Any:
-    """Add size and mtime_ns to each listed path (-1 for a missing file, which the describe
-    stage reports) and drop the rows already written."""
-    pa = require("pyarrow")
-    paths, sizes, mtimes = [], [], []
-    for raw in batch.column(0).to_pylist():
-        line = raw.strip()
-        if not line:
-            continue
-        path = os.path.abspath(os.path.join(base, line))
-        try:
-            st = os.stat(path)
-            size, mtime = st.st_size, st.st_mtime_ns
-        except OSError:
-            size, mtime = -1, -1
-        paths.append(path)
-        sizes.append(size)
-        mtimes.append(mtime)
-    keep = ~contains(done, key_digests(paths, sizes, mtimes))
-    return pa.table(
-        {"path": pa.array(paths, pa.string()).filter(pa.array(keep)),
-         "size": pa.array(sizes, pa.int64()).filter(pa.array(keep)),
-         "mtime_ns": pa.array(mtimes, pa.int64()).filter(pa.array(keep))}
-    )  # fmt: skip
-
-
 class DescribeFiles:
     """The actor of the describe stage: one descriptor and one runner, many blocks."""
 
@@ -172,33 +140,6 @@ def _changed(path: str, size: int, mtime_ns: int) -> bool:
     except OSError:
         return True
     return st.st_size != size or st.st_mtime_ns != mtime_ns
-
-
-def _shard_sink_class() -> type:
-    """The Datasink subclass (built on first use: Ray is an optional dependency)."""
-    datasink = require("ray.data.datasource", "--ray").Datasink
-    block_accessor = require("ray.data.block", "--ray").BlockAccessor
-
-    class ShardSink(datasink):
-        """Writes every block as one shard; collects (name, described, failed) per shard."""
-
-        def __init__(self, shard_dir: str) -> None:
-            self.shard_dir = shard_dir
-            self.shards: list[tuple[str, int, int]] = []
-
-        def write(self, blocks: Iterable[Any], ctx: Any) -> list[tuple[str, int, int]]:
-            out = []
-            for block in blocks:
-                table = block_accessor.for_block(block).to_arrow()
-                if table.num_rows:
-                    described = table.column("error").null_count  # no error: described
-                    out.append((write_shard(self.shard_dir, table), described, table.num_rows - described))
-            return out
-
-        def on_write_complete(self, write_result: Any) -> None:
-            self.shards = [s for returns in write_result.write_returns for s in returns]
-
-    return ShardSink
 
 
 # ----------------------------------------------------------------------------------------
@@ -323,10 +264,13 @@ def _run_pipeline(
     # CPU, which a pool holding every CPU would never give back (a deadlock on small clusters).
     todo = (
         ds.map_batches(stat_files, batch_format="pyarrow", fn_kwargs={"done": folder.done_keys(), "base": base},
-                       num_cpus=0)  # I/O only
+                       num_cpus=0, concurrency=fits)  # I/O only; capped, or one worker process per block
         .repartition(target_num_rows_per_block=block_rows)  # the unit of work, retry and shard
         .materialize()
     )  # fmt: skip
+    sink = shard_sink_class()(os.fspath(folder.shard_dir))
+    if todo.count() == 0:  # everything is written: no actor to start, no model to load
+        return sink, n_workers, used
     ds = todo.map_batches(
         DescribeFiles,
         fn_constructor_kwargs={
@@ -336,6 +280,7 @@ def _run_pipeline(
         batch_size=block_rows, batch_format="pyarrow", num_cpus=cpus_per_worker,
         compute=ray.data.ActorPoolStrategy(min_size=min(n_workers, fits), max_size=n_workers),
     )  # fmt: skip
-    sink = _shard_sink_class()(os.fspath(folder.shard_dir))
-    ds.write_datasink(sink, ray_remote_args={"num_cpus": 0})
+    # writes need no CPU of their own, but without a cap Ray starts a worker process per
+    # block; the actors bound the write rate anyway
+    ds.write_datasink(sink, ray_remote_args={"num_cpus": 0}, concurrency=n_workers)
     return sink, n_workers, used

@@ -265,7 +265,7 @@ class Index:
         self,
         dirs: str | os.PathLike | Iterable[str | os.PathLike],
         *,
-        progress: bool = True,
+        progress: bool = False,
         batch_size: int = 32,
         workers: int | None = None,
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
@@ -274,7 +274,8 @@ class Index:
     ) -> SyncReport:
         """Make the index mirror the image files under ``dirs``: describe new and changed
         files, drop deleted ones, follow moved/renamed ones by content hash. Files whose
-        size and mtime are unchanged are not opened.
+        size and mtime are unchanged are not opened. ``progress``: draw a bar (off by default:
+        a library call should not write to the terminal; the CLI turns it on for a person).
 
         ``exclude`` (glob patterns) and ``include_hidden`` choose which files are walked (see
         :func:`cbir.data.datasets.list_images`). They are recorded in the catalogue, and a later
@@ -307,7 +308,7 @@ class Index:
         self,
         paths: str | os.PathLike | Iterable[str | os.PathLike],
         *,
-        progress: bool = True,
+        progress: bool = False,
         batch_size: int = 32,
         workers: int | None = None,
         max_pixels: int | None = DEFAULT_MAX_PIXELS,

@@ -22,7 +22,7 @@ from cbir.models.descriptor import Descriptor
 from cbir.runtime.device import resolve_device
 from cbir.runtime.export import ExportInfo, cache_key, default_cache_dir, export_onnx
 from cbir.runtime.runner import EngineUnavailable, Runner
-from cbir.runtime.session import make_session, run_session
+from cbir.runtime.session import cached_session, run_session
 
 
 def onnx_available() -> bool:
@@ -77,7 +77,7 @@ def session_runner(
     """A :class:`Runner` over the ONNX file ``path`` (fp32 or int8: same inputs and outputs)."""
     where = resolve_device(device, engine)
     try:
-        session = make_session(path, threads=threads, spinning=spinning, device=where)
+        session = cached_session(path, threads=threads, spinning=spinning, device=where)
     except EngineUnavailable:
         raise
     except Exception as exc:  # a damaged cache file: say which one to delete

@@ -31,6 +31,7 @@ How (ONNX Runtime's own tools, :func:`onnxruntime.quantization.quantize_static`)
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import os
@@ -98,10 +99,17 @@ def calibration_root(calibrate: str | os.PathLike | None = None) -> Path:
 
 
 def calibration_set(calibrate: str | os.PathLike | None = None) -> Calibration:
-    """Pick the calibration and check images (deterministic: sorted names, even spread)."""
+    """Pick the calibration and check images (deterministic: sorted names, even spread).
+    Listed once per folder and process (a second extraction in the same process, or the
+    index's writer after its opening, does not walk thousands of files again)."""
+    return _calibration_set(os.path.abspath(calibration_root(calibrate)))
+
+
+@functools.lru_cache(maxsize=8)
+def _calibration_set(root_path: str) -> Calibration:
     from cbir.data.datasets import list_images
 
-    root = calibration_root(calibrate)
+    root = Path(root_path)
     files = [os.fspath(f) for f in list_images(root)]
     if len(files) < 8:
         raise CalibrationUnavailable(f"{root} holds {len(files)} images; calibration needs at least 8")
@@ -392,15 +400,19 @@ def int8_model(
     """
     from cbir.runtime.onnx_runner import cached_model
 
-    cal = calibration_set(calibrate or descriptor.meta.get("calibration_dir"))
     recorded = (descriptor.numerics or {}).get("calibration")
-    if recorded is not None and recorded != cal.digest:
+    # the descriptor names its calibration digest: a cached graph is found without listing
+    # (and hashing) the calibration folder, which for thousands of files takes a second
+    cal = None if recorded is not None and calibrate is None else calibration_set(
+        calibrate or descriptor.meta.get("calibration_dir"))
+    if cal is not None and recorded is not None and recorded != cal.digest:
         raise CalibrationUnavailable(
             f"this descriptor's int8 vectors were calibrated on another image set (digest {recorded}); "
             f"{cal.root} gives {cal.digest}: pass the original --calibrate folder"
         )
+    digest = recorded if cal is None else cal.digest
     fp32_path, fp32_info = cached_model(descriptor, cache_dir, verbose=verbose)
-    out = fp32_path.with_name(f"{fp32_path.stem}-int8-{cal.digest}.onnx")
+    out = fp32_path.with_name(f"{fp32_path.stem}-int8-{digest}.onnx")
     meta = out.with_suffix(".json")
     if meta.is_file():
         try:
@@ -411,6 +423,13 @@ def int8_model(
             raise EngineUnavailable(info.reason)
         if info is not None and out.is_file():
             return out, info
+    if cal is None:
+        cal = calibration_set(descriptor.meta.get("calibration_dir"))
+        if cal.digest != recorded:
+            raise CalibrationUnavailable(
+                f"the int8 graph of calibration {recorded} is not cached and {cal.root} now gives {cal.digest}: "
+                "pass the original --calibrate folder"
+            )
     if verbose:
         print(f"quantising {descriptor.describe_name()} to int8 on {len(cal.files)} images of {cal.root} "
               f"({out}) ...", file=sys.stderr)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import threading
+from collections import OrderedDict
 from typing import Any
 
 import numpy as np
@@ -20,6 +22,33 @@ def features_head(descriptor: Descriptor, maps: list[np.ndarray]) -> np.ndarray:
     own :meth:`~cbir.models.descriptor.Descriptor.head` (pooling, combination, whitening)."""
     with torch.inference_mode():
         return descriptor.head([torch.from_numpy(m) for m in maps]).float().numpy()
+
+
+#: Sessions of cached model files, by (path, mtime, size, threads, spinning, device): a
+#: session costs 0.2-0.6 s to create (graph optimisation), which a process that makes
+#: several runners of one model (an index's writer and its queries, repeated
+#: extractions, the benchmark's repeats) pays once. Sessions are safe to share between
+#: threads. A few entries at most: each holds its weights.
+_SESSIONS: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
+_MAX_SESSIONS = 4
+_LOCK = threading.Lock()
+
+
+def cached_session(path: str | os.PathLike, *, threads: int | None, spinning: bool = False,
+                   device: str = "cpu") -> Any:
+    """:func:`make_session` of a model file, reused while the file is unchanged."""
+    st = os.stat(path)
+    key = (os.path.abspath(path), st.st_mtime_ns, st.st_size, threads or usable_cores(), spinning, device)
+    with _LOCK:
+        if key in _SESSIONS:
+            _SESSIONS.move_to_end(key)
+            return _SESSIONS[key]
+    session = make_session(path, threads=threads, spinning=spinning, device=device)
+    with _LOCK:
+        _SESSIONS[key] = session
+        while len(_SESSIONS) > _MAX_SESSIONS:
+            _SESSIONS.popitem(last=False)
+    return session
 
 
 def make_session(
