@@ -209,6 +209,10 @@ def test_index_verify_groups_a_cropped_copy_below_the_threshold(tmp_path: Path, 
         groups = idx.duplicates(1.0, verify=Verification(min_inliers=10, floor=-1.0, k=3))
     assert len(groups) == 1 and sorted(Path(h.path).name for h in groups[0]) == ["copy.jpg", "original.png"]
     assert groups[0][1].score < 1.0
+    code, out = cli("duplicates", "--db", tmp_path / "db", "-t", "1.0", "--verify", "--json")  # the CLI's defaults
+    payload = json.loads(out)
+    assert code == 0 and len(payload["groups"]) == 1 and len(payload["remove"]) == 1
+    assert Path(payload["remove"][0]).name in {"copy.jpg", "original.png"}
 
 
 def test_default_threshold_and_verification_are_the_calibrated_ones() -> None:
