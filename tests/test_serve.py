@@ -151,6 +151,24 @@ def test_search_by_upload(client: TestClient, collection: Path) -> None:
     assert all(not h["path"].startswith("/") for h in body["results"])
 
 
+@pytest.mark.parametrize("fmt", ["HEIF", "AVIF"])
+def test_search_by_heic_and_avif_upload(client: TestClient, collection: Path, fmt: str) -> None:
+    """Phones' HEIC and AVIF uploads are sniffed, decoded and searched like the CLI reads them."""
+    from cbir.data.decode import register_heif
+
+    if not register_heif() and fmt == "HEIF":
+        pytest.skip("pillow-heif is not installed")
+    buf = io.BytesIO()
+    with Image.open(collection / "img_03.jpg") as img:
+        img.convert("RGB").save(buf, format=fmt, quality=95)
+    r = client.post("/search", files={"image": ("q.bin", buf.getvalue(), "application/octet-stream")},
+                    data={"k": "3"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["query"]["format"] == fmt
+    assert body["results"][0]["path"] == "img_03.jpg"
+
+
 def test_search_by_id_and_options(client: TestClient, index: Index) -> None:
     qid = _some_id(index)
     r = client.post("/search", data={"id": str(qid), "k": "3"})

@@ -23,10 +23,12 @@ from pathlib import Path
 
 from PIL import Image
 
+from cbir.data.decode import register_heif
 from cbir.errors import CbirError
 
 #: Upload formats the server accepts (Pillow format names). Everything else is 415.
-ACCEPTED_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF", "PPM")
+#: HEIF (phones' HEIC) and AVIF are sniffed only once pillow-heif / Pillow's AVIF plug-in is registered.
+ACCEPTED_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF", "PPM", "HEIF", "AVIF")
 
 #: MIME type to send for each accepted format (also used for ``GET /images/{id}``).
 MIME_TYPES = {
@@ -48,6 +50,8 @@ SUFFIXES = {
     "WEBP": ".webp",
     "TIFF": ".tif",
     "PPM": ".ppm",
+    "HEIF": ".heic",
+    "AVIF": ".avif",
 }
 
 #: Shortest token accepted from a token file: 128 bits of hex, well past guessing.
@@ -69,6 +73,7 @@ def sniff_image_format(head: bytes) -> str | None:
     Only :data:`ACCEPTED_FORMATS` are considered, so a PDF, an SVG (script inside an
     "image"), HTML or an executable is ``None`` whatever its name or declared type.
     """
+    register_heif()  # the HEIF/AVIF openers, registered lazily like the decoder's
     Image.init()
     prefix = head[:_SNIFF_BYTES]
     for fmt in ACCEPTED_FORMATS:

@@ -24,7 +24,7 @@ from cbir.serve.settings import ServeSettings
 
 log = logging.getLogger("cbir.serve")
 
-_ACCEPTED = "JPEG, PNG, GIF, BMP, WebP, TIFF, PPM"
+_ACCEPTED = "JPEG, PNG, GIF, BMP, WebP, TIFF, PPM, HEIC, AVIF"
 
 
 def check_upload(
