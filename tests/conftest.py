@@ -80,3 +80,41 @@ if "CBIR_CACHE_DIR" not in os.environ:
     import tempfile
 
     os.environ["CBIR_CACHE_DIR"] = tempfile.mkdtemp(prefix="cbir-test-cache-")
+
+
+@pytest.fixture(scope="module")
+def onnx_cache(tmp_path_factory: pytest.TempPathFactory):
+    """One ONNX export cache per test module (CBIR_CACHE_DIR), outside the user's home."""
+    path = tmp_path_factory.mktemp("onnx-cache")
+    old = os.environ.get("CBIR_CACHE_DIR")
+    os.environ["CBIR_CACHE_DIR"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("CBIR_CACHE_DIR", None)
+    else:
+        os.environ["CBIR_CACHE_DIR"] = old
+
+
+@pytest.fixture(scope="module")
+def torch_one_thread():
+    """Tiny training models are too small for intra-op threads to pay off on a busy machine."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny_model_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random-weight descriptor saved as a file: training starts from it offline."""
+    import torch
+
+    from cbir.models.descriptor import build_descriptor
+
+    torch.manual_seed(0)
+    desc = build_descriptor("timm:resnet10t", pretrained=False, pooling="gem", image_size=32)
+    path = tmp_path_factory.mktemp("model") / "tiny.cbir"
+    desc.save(path)
+    return path

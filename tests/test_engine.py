@@ -25,19 +25,6 @@ pytestmark = pytest.mark.skipif(not onnx_available(), reason="onnxruntime not in
 SHAPES = [(2, 64, 48), (3, 37, 64), (1, 64, 64), (2, 63, 17)]
 
 
-@pytest.fixture(scope="module")
-def onnx_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One export cache for this module, outside the user's home."""
-    path = tmp_path_factory.mktemp("onnx-cache")
-    old = os.environ.get("CBIR_CACHE_DIR")
-    os.environ["CBIR_CACHE_DIR"] = str(path)
-    yield path
-    if old is None:
-        os.environ.pop("CBIR_CACHE_DIR", None)
-    else:
-        os.environ["CBIR_CACHE_DIR"] = old
-
-
 def _images(shapes: list[tuple[int, int, int]], seed: int = 0) -> list[np.ndarray]:
     rng = np.random.default_rng(seed)
     return [rng.integers(0, 256, size=(*s, 3), dtype=np.uint8) for s in shapes]

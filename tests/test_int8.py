@@ -29,19 +29,6 @@ pytestmark = pytest.mark.skipif(not onnx_available(), reason="onnxruntime not in
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One export cache for this module, outside the user's home."""
-    path = tmp_path_factory.mktemp("int8-cache")
-    old = os.environ.get("CBIR_CACHE_DIR")
-    os.environ["CBIR_CACHE_DIR"] = str(path)
-    yield path
-    if old is None:
-        os.environ.pop("CBIR_CACHE_DIR", None)
-    else:
-        os.environ["CBIR_CACHE_DIR"] = old
-
-
-@pytest.fixture(scope="module")
 def calib(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A made-up calibration folder: 32 textured images of assorted sizes."""
     root = tmp_path_factory.mktemp("calib")
@@ -67,7 +54,7 @@ def _batch(files: list[Path], d: Descriptor) -> np.ndarray:
     return np.stack([d.preprocess.to_array(Image.open(f).convert("RGB")) for f in files])
 
 
-def test_int8_export_is_cached_beside_the_fp32_one(cache: Path, calib: Path, desc: Descriptor,
+def test_int8_export_is_cached_beside_the_fp32_one(onnx_cache: Path, calib: Path, desc: Descriptor,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     import onnx
 
@@ -89,7 +76,7 @@ def test_int8_export_is_cached_beside_the_fp32_one(cache: Path, calib: Path, des
     assert again == path
 
 
-def test_pooling_and_whitening_stay_in_float(cache: Path, calib: Path, desc: Descriptor) -> None:
+def test_pooling_and_whitening_stay_in_float(onnx_cache: Path, calib: Path, desc: Descriptor) -> None:
     """Only backbone nodes are quantised: every quantised node's name is under /backbone/."""
     import onnx
 
@@ -107,7 +94,7 @@ def test_pooling_and_whitening_stay_in_float(cache: Path, calib: Path, desc: Des
             assert "/backbone/" in node.name
 
 
-def test_aspect_kept_graph_quantises_with_the_normalisation_folded(cache: Path, calib: Path,
+def test_aspect_kept_graph_quantises_with_the_normalisation_folded(onnx_cache: Path, calib: Path,
                                                                    tmp_path: Path) -> None:
     """A size-generic graph (resize keep) takes images of any shape; its normalisation is
     folded into the first convolution as in the fixed-size graph."""
@@ -139,7 +126,7 @@ def test_identity_records_the_int8_engine(calib: Path, desc: Descriptor, tmp_pat
     assert for_engine(desc, "onnx-int8", other).identity() != d8.identity()
 
 
-def test_quality_gate_int8_close_to_fp32(cache: Path, calib: Path, desc: Descriptor, tmp_path: Path) -> None:
+def test_quality_gate_int8_close_to_fp32(onnx_cache: Path, calib: Path, desc: Descriptor, tmp_path: Path) -> None:
     """On made-up images outside the calibration set, int8 vectors stay close to fp32."""
     files = [make_image(tmp_path / f"q{i}.jpg", seed=1000 + i, size=(100, 70 + i)) for i in range(24)]
     x = _batch(files, desc)
@@ -151,7 +138,7 @@ def test_quality_gate_int8_close_to_fp32(cache: Path, calib: Path, desc: Descrip
     assert not np.allclose(int8(x), fp32(x), atol=1e-6)  # it really is another engine
 
 
-def test_engine_that_ran_is_the_one_asked_for(cache: Path, calib: Path, desc: Descriptor) -> None:
+def test_engine_that_ran_is_the_one_asked_for(onnx_cache: Path, calib: Path, desc: Descriptor) -> None:
     """A silent fallback (int8 -> fp32, onnx -> torch, cuda -> cpu) fails here."""
     d8 = for_engine(desc, "onnx-int8", calib)
     for engine, d in (("torch", desc), ("onnx", desc), ("onnx-int8", d8)):
@@ -181,7 +168,7 @@ def test_cuda_is_a_demand_not_a_wish() -> None:
         resolve_device("tpu")
 
 
-def test_extract_records_the_int8_identity(cache: Path, calib: Path, desc: Descriptor, image_dir: Path) -> None:
+def test_extract_records_the_int8_identity(onnx_cache: Path, calib: Path, desc: Descriptor, image_dir: Path) -> None:
     from cbir.data.datasets import list_images
     from cbir.extract import extract
 
@@ -194,7 +181,7 @@ def test_extract_records_the_int8_identity(cache: Path, calib: Path, desc: Descr
     assert np.median(_cos(a.features, b.features)) >= 0.98
 
 
-def test_index_refuses_to_mix_int8_and_fp32(cache: Path, calib: Path, desc: Descriptor, image_dir: Path,
+def test_index_refuses_to_mix_int8_and_fp32(onnx_cache: Path, calib: Path, desc: Descriptor, image_dir: Path,
                                             tmp_path: Path) -> None:
     from cbir.index import Index
     from cbir.index.errors import DescriptorMismatchError
@@ -231,7 +218,7 @@ def test_no_calibration_images_is_a_clear_error(desc: Descriptor, monkeypatch: p
         for_engine(desc, "onnx-int8", tmp_path / "nowhere")
 
 
-def test_cli_extract_with_the_int8_engine(cache: Path, calib: Path, desc: Descriptor, image_dir: Path,
+def test_cli_extract_with_the_int8_engine(onnx_cache: Path, calib: Path, desc: Descriptor, image_dir: Path,
                                           tmp_path: Path) -> None:
     from cbir.cli.commands import app
 

@@ -32,24 +32,7 @@ from cbir.train import (
 )
 from cbir.train.augment import CROP_AREA, CROP_RATIO, augment_array, crop_box
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tiny model is too small for intra-op threads to pay off on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tiny_model_file(tmp_path_factory) -> Path:
-    """The tiny random-weight descriptor as a file: training starts from it offline."""
-    torch.manual_seed(0)
-    desc = build_descriptor("timm:resnet10t", pretrained=False, pooling="gem", image_size=32)
-    path = tmp_path_factory.mktemp("model") / "tiny.cbir"
-    desc.save(path)
-    return path
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def make_classes(root: Path, n_classes: int = 5, per_class: int = 4) -> Path:

@@ -13,28 +13,13 @@ from conftest import make_image
 from PIL import Image
 from typer.testing import CliRunner
 
-from cbir.models import Descriptor, build_descriptor
+from cbir.models import Descriptor
 from cbir.models.pooling import RMAC
 from cbir.train import TrainConfig, Trainer, load_class_roots, load_train_data, train, with_holdout
 from cbir.train.interpolation import choose_alpha, interpolate_state, parse_interpolate
 from cbir.train.recipes import DEFAULT_RECIPE, RECIPES, resolve_recipe
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    desc = build_descriptor("timm:resnet10t", pretrained=False, pooling="gem", image_size=32)
-    path = tmp_path_factory.mktemp("model") / "tiny.cbir"
-    desc.save(path)
-    return path
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def make_classes(root: Path, n_classes: int = 5, per_class: int = 4, seed0: int = 0) -> Path:
@@ -83,12 +68,12 @@ def test_train_help_states_the_recipes_values() -> None:
         assert text in RECIPE_HELP, text
 
 
-def test_cli_recipe_fills_unset_options_and_explicit_ones_win(tiny_model: Path, tmp_path: Path) -> None:
+def test_cli_recipe_fills_unset_options_and_explicit_ones_win(tiny_model_file: Path, tmp_path: Path) -> None:
     from cbir.cli.main import app
 
     data = make_classes(tmp_path / "d")
     out = tmp_path / "m.cbir"
-    args = ["train", str(data), "--out", str(out), "--model", str(tiny_model), "--epochs", "1", "--max-tuples",
+    args = ["train", str(data), "--out", str(out), "--model", str(tiny_model_file), "--epochs", "1", "--max-tuples",
             "2", "--pool-size", "8", "--val-fraction", "0", "--device", "cpu", "-q"]  # fmt: skip
     r = CliRunner().invoke(app, [*args, "--recipe", "paper", "--image-size", "32"])
     assert r.exit_code == 0, r.output
@@ -102,10 +87,10 @@ def test_cli_recipe_fills_unset_options_and_explicit_ones_win(tiny_model: Path, 
 
 
 # -- interpolation ---------------------------------------------------------------------------
-def test_interpolation_endpoints_reproduce_the_two_networks(tiny_model: Path, tmp_path: Path) -> None:
+def test_interpolation_endpoints_reproduce_the_two_networks(tiny_model_file: Path, tmp_path: Path) -> None:
     data = load_train_data([make_classes(tmp_path / "d")])
-    base = Descriptor.load(tiny_model)
-    tuned = train(tiny(tiny_model, epochs=2), data, progress=False).descriptor
+    base = Descriptor.load(tiny_model_file)
+    tuned = train(tiny(tiny_model_file, epochs=2), data, progress=False).descriptor
     sd0 = {k: v for k, v in base.state_dict().items() if k in tuned.state_dict()}
     sd1 = tuned.state_dict()
     moved = [k for k in sd1 if sd1[k].is_floating_point() and not torch.equal(sd0[k], sd1[k])]
@@ -117,8 +102,8 @@ def test_interpolation_endpoints_reproduce_the_two_networks(tiny_model: Path, tm
     k = moved[0]
     assert torch.allclose(half[k], (sd0[k] + sd1[k]) / 2)
     # through the trainer: --interpolate 0 gives the off-the-shelf weights back, 1 the fine-tuned
-    r0 = train(tiny(tiny_model, epochs=2, interpolate=0.0), data, progress=False).descriptor
-    r1 = train(tiny(tiny_model, epochs=2, interpolate=1.0), data, progress=False).descriptor
+    r0 = train(tiny(tiny_model_file, epochs=2, interpolate=0.0), data, progress=False).descriptor
+    r1 = train(tiny(tiny_model_file, epochs=2, interpolate=1.0), data, progress=False).descriptor
     assert all(torch.equal(r0.state_dict()[k], sd0[k]) for k in moved)
     assert all(torch.equal(r1.state_dict()[k], sd1[k]) for k in sd1)
     assert r0.meta["trained"]["interpolation"]["alpha"] == 0.0
@@ -135,13 +120,13 @@ def test_interpolation_auto_picks_the_best_validation_weight() -> None:
         parse_interpolate("half")
 
 
-def test_holdout_domains_join_validation_and_auto_uses_them(tiny_model: Path, tmp_path: Path) -> None:
+def test_holdout_domains_join_validation_and_auto_uses_them(tiny_model_file: Path, tmp_path: Path) -> None:
     data = load_train_data([make_classes(tmp_path / "train")])
     hold = load_class_roots([make_classes(tmp_path / "other", n_classes=3, per_class=3, seed0=7000)])
     v = with_holdout(None, hold)
     assert set(v.domains()) == {"holdout:other"}
     logs: list[str] = []
-    res = train(tiny(tiny_model, epochs=1, val_fraction=0.4, interpolate="auto", keep="best"), data,
+    res = train(tiny(tiny_model_file, epochs=1, val_fraction=0.4, interpolate="auto", keep="best"), data,
                 holdout=hold, progress=False, log=logs.append)  # fmt: skip
     doms = res.history[0].val_domains
     assert doms is not None and set(doms) == {"train", "holdout:other"}
@@ -151,19 +136,19 @@ def test_holdout_domains_join_validation_and_auto_uses_them(tiny_model: Path, tm
     assert not set(map(str, hold.files)) & set(map(str, data.files))
 
 
-def test_interpolate_auto_without_validation_is_an_error(tiny_model: Path, tmp_path: Path) -> None:
+def test_interpolate_auto_without_validation_is_an_error(tiny_model_file: Path, tmp_path: Path) -> None:
     data = load_train_data([make_classes(tmp_path / "d")])
     with pytest.raises(ValueError, match="validation"):
-        train(tiny(tiny_model, interpolate="auto"), data, progress=False)
+        train(tiny(tiny_model_file, interpolate="auto"), data, progress=False)
 
 
 # -- R-MAC end to end ------------------------------------------------------------------------
 @pytest.mark.parametrize("loss", ["triplet", "contrastive"])
-def test_rmac_trains_its_region_whitening_and_exports(tiny_model: Path, tmp_path: Path, loss: str) -> None:
+def test_rmac_trains_its_region_whitening_and_exports(tiny_model_file: Path, tmp_path: Path, loss: str) -> None:
     from cbir.runtime import make_runner, torch_runner
 
     data = load_train_data([make_classes(tmp_path / "d")])
-    trainer = Trainer(tiny(tiny_model, pooling="rmac", loss=loss), data, progress=False)
+    trainer = Trainer(tiny(tiny_model_file, pooling="rmac", loss=loss), data, progress=False)
     rw = trainer.desc.pooling.region_whitening
     assert isinstance(trainer.desc.pooling, RMAC) and rw is not None
     assert isinstance(rw.projection, torch.nn.Parameter) and rw.projection.requires_grad
@@ -189,7 +174,7 @@ def test_rmac_trains_its_region_whitening_and_exports(tiny_model: Path, tmp_path
 pytest.importorskip("cv2")
 
 
-def test_unlabelled_training_reads_no_folder_name(tiny_model: Path, tmp_path: Path, monkeypatch) -> None:
+def test_unlabelled_training_reads_no_folder_name(tiny_model_file: Path, tmp_path: Path, monkeypatch) -> None:
     """Folders named as if they were classes, each mixing several scenes: mining must follow the
     pixels, and the class-folder reader must never be called."""
     from scenes import write_scene_set
@@ -215,7 +200,7 @@ def test_unlabelled_training_reads_no_folder_name(tiny_model: Path, tmp_path: Pa
     monkeypatch.setattr(datasets, "load_class_folders", no_labels)
     monkeypatch.setattr(train_data, "load_class_folders", no_labels)
     out = tmp_path / "m.cbir"
-    r = CliRunner().invoke(app, ["train", str(root), "--unlabelled", "--out", str(out), "--model", str(tiny_model),
+    r = CliRunner().invoke(app, ["train", str(root), "--unlabelled", "--out", str(out), "--model", str(tiny_model_file),
                                  "-k", "20", "--verify", "orb", "--epochs", "1", "--max-tuples", "2",
                                  "--pool-size", "8", "--val-fraction", "0", "--device", "cpu", "-q"])  # fmt: skip
     assert r.exit_code == 0, r.output
@@ -231,17 +216,17 @@ def test_unlabelled_training_reads_no_folder_name(tiny_model: Path, tmp_path: Pa
     assert Descriptor.load(out).meta["trained"]["data"] == str(pairs)
 
 
-def test_device_cpu_trains_on_the_cpu(tiny_model: Path, tmp_path: Path) -> None:
+def test_device_cpu_trains_on_the_cpu(tiny_model_file: Path, tmp_path: Path) -> None:
     data = load_train_data([make_classes(tmp_path / "d")])
-    t = Trainer(tiny(tiny_model, device="cpu"), data, progress=False)
+    t = Trainer(tiny(tiny_model_file, device="cpu"), data, progress=False)
     assert t.device.type == "cpu" and next(t.desc.parameters()).device.type == "cpu"
     with pytest.raises(ValueError, match="unknown device"):
-        tiny(tiny_model, device="tpu")
+        tiny(tiny_model_file, device="tpu")
 
 
-def test_a_saturated_validation_is_reported(tiny_model: Path, tmp_path: Path, monkeypatch) -> None:
+def test_a_saturated_validation_is_reported(tiny_model_file: Path, tmp_path: Path, monkeypatch) -> None:
     data = load_train_data([make_classes(tmp_path / "d")])
     monkeypatch.setattr(Trainer, "validate", lambda self: 1.0)
     logs: list[str] = []
-    res = train(tiny(tiny_model, val_fraction=0.4, keep="best"), data, progress=False, log=logs.append)
+    res = train(tiny(tiny_model_file, val_fraction=0.4, keep="best"), data, progress=False, log=logs.append)
     assert res.best_epoch == 0 and any("cannot choose an epoch" in m for m in logs)

@@ -10,7 +10,6 @@ for small CNNs such as EfficientNet-Lite at batch sizes of a few dozen.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
@@ -21,7 +20,7 @@ import numpy as np
 from cbir.models.descriptor import Descriptor
 from cbir.runtime.device import resolve_device
 from cbir.runtime.export import ExportInfo, cache_key, default_cache_dir, export_onnx
-from cbir.runtime.runner import EngineUnavailable, Runner
+from cbir.runtime.runner import EngineUnavailable, Runner, read_cached_model
 from cbir.runtime.session import cached_session, run_session
 
 
@@ -47,16 +46,9 @@ def cached_model(
         raise EngineUnavailable("onnxruntime is not installed (pip install 'cbir[onnx]')")
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     path = root / f"{cache_key(descriptor)}.onnx"
-    meta = path.with_suffix(".json")
-    if meta.is_file():
-        try:
-            info = ExportInfo(**json.loads(meta.read_text()))
-        except (ValueError, TypeError):
-            info = None
-        if info is not None and not info.usable:
-            raise EngineUnavailable(info.reason)
-        if info is not None and path.is_file():
-            return path, info
+    cached = read_cached_model(path, ExportInfo)
+    if cached is not None:
+        return cached
     if verbose:
         print(f"exporting {descriptor.describe_name()} to ONNX ({path}) ...", file=sys.stderr)
     try:

@@ -46,7 +46,7 @@ import numpy as np
 from cbir.errors import CbirError
 from cbir.fileio import atomic_write_bytes, atomic_write_text
 from cbir.models.descriptor import Descriptor
-from cbir.runtime.runner import EngineUnavailable, Runner
+from cbir.runtime.runner import EngineUnavailable, Runner, read_cached_model
 
 ENGINE = "onnx-int8"
 #: Bumped whenever the quantisation recipe changes, so stale cache entries are not reused.
@@ -413,16 +413,9 @@ def int8_model(
     digest = recorded if cal is None else cal.digest
     fp32_path, fp32_info = cached_model(descriptor, cache_dir, verbose=verbose)
     out = fp32_path.with_name(f"{fp32_path.stem}-int8-{digest}.onnx")
-    meta = out.with_suffix(".json")
-    if meta.is_file():
-        try:
-            info = Int8Info(**json.loads(meta.read_text()))
-        except (ValueError, TypeError):
-            info = None
-        if info is not None and not info.usable:
-            raise EngineUnavailable(info.reason)
-        if info is not None and out.is_file():
-            return out, info
+    cached = read_cached_model(out, Int8Info)
+    if cached is not None:
+        return cached
     if cal is None:
         cal = calibration_set(descriptor.meta.get("calibration_dir"))
         if cal.digest != recorded:

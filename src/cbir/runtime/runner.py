@@ -8,8 +8,11 @@ engine they asked for is the one that ran rather than a silent fallback.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -39,3 +42,25 @@ class Runner:
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         return self.fn(batch)
+
+
+InfoT = TypeVar("InfoT")
+
+
+def read_cached_model(model: Path, info_type: Callable[..., InfoT]) -> tuple[Path, InfoT] | None:
+    """The cached graph ``model`` and its ``.json`` record, when both are there and usable.
+
+    A record that says the graph was refused (``usable`` false) is final: its ``reason`` is
+    raised rather than paying for the export or calibration again. A missing or unreadable
+    record means "not cached" (``None``).
+    """
+    meta = model.with_suffix(".json")
+    if not meta.is_file():
+        return None
+    try:
+        info: Any = info_type(**json.loads(meta.read_text()))
+    except (ValueError, TypeError):
+        return None
+    if not info.usable:
+        raise EngineUnavailable(info.reason)
+    return (model, info) if model.is_file() else None
