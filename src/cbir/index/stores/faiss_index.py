@@ -223,17 +223,18 @@ def _check(path: Path, digest: str) -> None:
         raise StoreFileError(f"{path.name}: checksum mismatch (damaged file)")
 
 
-def read_index_file(path: Path, digest: str | None, dim: int) -> faiss.Index:
+def read_index_file(path: Path, digest: str | None, dim: int, *, mapped: bool = True) -> faiss.Index:
     """The index in ``path``, checked against ``digest`` first (a damaged file never
-    reaches FAISS's parser; None: a file this process has just written and hashed).
+    reaches FAISS's parser; None: a file this process has written or checked).
 
     Flat storage (``Flat``, ``SQ``, a refinement's full vectors, HNSW's vectors) is
     memory-mapped, not copied: the base file is immutable, so its pages are shared with
-    the page cache and can be dropped under memory pressure instead of swapping."""
+    the page cache and can be dropped under memory pressure instead of swapping.
+    ``mapped=False`` reads a private copy, which vectors can be added to."""
     if digest is not None:
         _check(path, digest)
     try:
-        index = faiss.read_index(os.fspath(path), faiss.IO_FLAG_MMAP_IFC)
+        index = faiss.read_index(os.fspath(path), faiss.IO_FLAG_MMAP_IFC if mapped else 0)
     except RuntimeError as exc:
         raise StoreFileError(f"{path.name}: {str(exc).strip().splitlines()[-1]}") from exc
     if index.d != dim:

@@ -354,7 +354,43 @@ class FaissStore:
         untrained = self._view.base is None and self.min_vectors > 0 and source.count() >= self.min_vectors
         if not (force or untrained or self.policy.due(self.pending(), base, bulk=bulk)):
             return False
-        self.rebuild(source, self._generation)
+        if not self._extend(source):
+            self.rebuild(source, self._generation)
+        return True
+
+    def _extend(self, source: VectorSource) -> bool:
+        """Compaction of additions alone: the base file read into memory, the new vectors
+        added at its end, written as the new base. Every FAISS type the planner uses adds
+        in place once trained, so this is the base a rebuild would make (same positions,
+        same codes; a graph gets the same insertions in the same order) at the cost of the
+        change plus one write of the file, not a rebuild of the collection: 16 minutes for
+        a graph of a million vectors, a minute for an inverted file.
+
+        Only when nothing was removed since the base (a graph cannot drop a vector) and the
+        catalogue's ids are exactly the base's followed by the new ones, ascending; else
+        False and the caller rebuilds."""
+        view, manifest = self._view, self._manifest
+        if view.base is None or len(view.tombs) or not view.delta.ntotal or not manifest or self.readonly:
+            return False
+        new = np.sort(view.delta_ids())
+        if len(view.base_ids) and new[0] <= view.base_ids[-1]:
+            return False
+        ids = source.ids()
+        n = len(view.base_ids)
+        if len(ids) != n + len(new) or not (np.array_equal(ids[:n], view.base_ids) and np.array_equal(ids[n:], new)):
+            return False
+        got, vectors = source.fetch(new)
+        if not np.array_equal(got, new):
+            return False
+        entry = manifest["base"]
+        base = fx.read_index_file(self.folder / entry["file"], entry["xxh3"], self.dim, mapped=False)
+        base.add(fx.as_float32(vectors, self.dim))
+        grown = _View(self.dim, base=base, base_ids=ids)
+        self._start(base, ids, self._generation, grown)
+        grown.base = fx.read_index_file(self.folder / self._manifest["base"]["file"], None, self.dim)
+        with self._exclusive():
+            self._view = grown
+        self._staged.clear()
         return True
 
     def _start(
@@ -394,12 +430,15 @@ class FaissStore:
         self._manifest = body
 
     def _trained_index(self) -> faiss.Index | None:
-        """The cached trained empty index for this factory, if its file checks out."""
+        """The cached trained empty index for this factory, if its file checks out. Read
+        into memory, not mapped: vectors are added to its clones, and FAISS aborts the
+        process when an add grows storage that is mapped from a file (a graph's or a
+        refinement's 8-bit vectors)."""
         info = (self._manifest or self._read_manifest() or {}).get("trained")
         if not info or info.get("factory") != self.factory:
             return None
         try:
-            index = fx.read_index_file(self.folder / info["file"], info["xxh3"], self.dim)
+            index = fx.read_index_file(self.folder / info["file"], info["xxh3"], self.dim, mapped=False)
         except (fx.StoreFileError, FileNotFoundError):
             return None
         return index if index.is_trained and index.ntotal == 0 else None
