@@ -42,8 +42,15 @@ def log(msg: str) -> None:
 
 
 def gpr_rows(vectors: np.ndarray, args: argparse.Namespace) -> list[ann_bench.Result]:
-    """gpr-mini: every image is a query (self included, as GPR1200 counts it)."""
-    return ann_bench.bench_vectors(vectors, np.ascontiguousarray(vectors), threads=args.threads, log=log)
+    """gpr-mini: every image is a query (self included, as GPR1200 counts it). Besides
+    what auto picks at its size (and the large-collection plan for its size), the plan
+    auto picks at ``--n`` applied to it, at that plan's search settings."""
+    queries = np.ascontiguousarray(vectors)
+    rows = ann_bench.bench_vectors(vectors, queries, threads=args.threads, log=log)
+    big = ann.plan_index(args.n, vectors.shape[1])
+    cand = ann_bench.Candidate(big.factory, nprobe=big.nprobe, ef_search=big.ef_search, k_factor=big.k_factor,
+                               label=f"the plan auto picks at {args.n:,}")  # fmt: skip
+    return rows + ann_bench.run(vectors, queries, [cand], threads=args.threads, log=log)
 
 
 def load_gpr(args: argparse.Namespace) -> np.ndarray | None:
@@ -82,6 +89,7 @@ def main() -> None:
     ap.add_argument("--workdir", default="/tmp", help="where the memory-mapped collection is written")
     ap.add_argument("--gpr-vectors", type=Path)
     ap.add_argument("--gpr-db", type=Path)
+    ap.add_argument("--gpr-only", action="store_true", help="skip the synthetic collection")
     ap.add_argument("--out", type=Path, default=Path("out/ann_1m.json"))
     ap.add_argument("--markdown", type=Path, default=Path("out/ann_1m.md"))
     args = ap.parse_args()
@@ -90,11 +98,12 @@ def main() -> None:
     sections: list[tuple[str, list[ann_bench.Result]]] = []
     plan = ann.plan_index(args.n, 1280)
     log(f"plan for {args.n:,} x 1280: {plan}")
-    rows = ann_bench.bench_synthetic(
-        args.n, queries=args.queries, workdir=args.workdir, flat_queries=args.flat_queries,
-        threads=args.threads, log=log,
-    )  # fmt: skip
-    sections.append((f"synthetic {args.n:,}", rows))
+    if not args.gpr_only:
+        rows = ann_bench.bench_synthetic(
+            args.n, queries=args.queries, workdir=args.workdir, flat_queries=args.flat_queries,
+            threads=args.threads, log=log,
+        )  # fmt: skip
+        sections.append((f"synthetic {args.n:,}", rows))
     gpr = load_gpr(args)
     if gpr is not None:
         sections.append((f"gpr-mini {len(gpr):,} (real)", gpr_rows(gpr, args)))

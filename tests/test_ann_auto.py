@@ -114,3 +114,32 @@ def test_cli_bench_ann_synthetic_table_and_errors() -> None:
     assert "Flat" in out and "yes" in out
     code, out = cli("bench", "ann", "--synthetic", "300", "--db", "x")
     assert code != 0 and "exactly one" in out
+
+
+def test_graph_plan_is_what_the_store_builds_and_bench_measures(
+    tmp_path: Path, collection: tuple[np.ndarray, np.ndarray], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A budget that holds the graph on 8-bit vectors but no float refinement copy (as 2 GiB
+    does at a million): the store builds an HNSW graph searched at the plan's depth, it
+    finds the neighbours, and ``cbir bench ann`` marks that plan as chosen."""
+    x, queries = collection
+    n, dim = x.shape
+    monkeypatch.setattr(ann, "FLAT_MAX_SCAN_BYTES", 0)
+    budget = int(ann.estimate_memory(ann.graph_factory(dim), n, dim) / ann.BUDGET_SHARE * 1.05)
+    plan = ann.plan_index(n, dim, budget)
+    assert plan.factory == ann.graph_factory(dim) and plan.ef_search == ann.DEFAULT_EF_SEARCH
+    defaults = SearchParams(nprobe=plan.nprobe, ef_search=plan.ef_search, k_factor=plan.k_factor)
+    store = FaissStore(tmp_path / "store", dim, plan.factory, defaults=defaults)
+    store.load(0)
+    ids = np.arange(7, 7 + n, dtype=np.int64)
+    store.rebuild(ArraySource(ids, x), 1)
+    assert store.info()["type"].startswith("IndexHNSW") and store.trained
+    _, found = store.search(queries, 10)
+    _, exact = faiss.knn(queries, x, 10, metric=faiss.METRIC_INNER_PRODUCT)
+    assert ann_bench.recall_at_k(found, ids[exact]) >= 0.95
+    rows = ann_bench.bench_vectors(x, queries[:30], memory_budget=budget, threads=1)
+    chosen = [r for r in rows if r.chosen]
+    assert len(chosen) == 1 and chosen[0].index == plan.factory
+    assert chosen[0].params == {"ef_search": ann.DEFAULT_EF_SEARCH}
+    depths = sorted(r.params["ef_search"] for r in rows if r.index == plan.factory)
+    assert depths[0] < ann.DEFAULT_EF_SEARCH < depths[-1]

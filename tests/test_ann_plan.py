@@ -43,25 +43,48 @@ def test_flat_limit_is_the_scan_size() -> None:
     assert plan_index(n_max + 1, 256).factory == "Flat"
 
 
-def test_million_plan_fits_the_default_budget_and_refines() -> None:
+def test_million_plan_is_the_graph_within_the_default_budget() -> None:
+    """At 1M x 1280 and 2 GiB no float refinement fits: the graph on 8-bit vectors, searched
+    at the plan's depth, whose estimate fits the budget, and FAISS builds it."""
     plan = plan_index(1_000_000, 1280)
     parts = parse_factory(plan.factory, 1280)
-    assert parts.nlist >= 512 and parts.code_bytes <= 1280 / 4
-    assert parts.refine_bytes > 0 and plan.k_factor and plan.nprobe
-    assert estimate_memory(plan.factory, 1_000_000, 1280) <= ann.DEFAULT_MEMORY_BUDGET
-    faiss.index_factory(1280, plan.factory, faiss.METRIC_INNER_PRODUCT)  # FAISS builds it
+    assert plan.factory == ann.graph_factory(1280) and parts.graph
+    assert plan.ef_search == ann.DEFAULT_EF_SEARCH and plan.nprobe is None and plan.k_factor is None
+    assert "graph" in plan.reason
+    assert estimate_memory(plan.factory, 1_000_000, 1280) <= ann.DEFAULT_MEMORY_BUDGET * ann.BUDGET_SHARE
+    assert isinstance(faiss.index_factory(1280, plan.factory, faiss.METRIC_INNER_PRODUCT), faiss.IndexHNSW)
 
 
-def test_budget_orders_the_refinement() -> None:
-    """More memory buys a more exact refinement copy; less gives a coarser one."""
+def test_budget_orders_the_final_ranking() -> None:
+    """More memory buys a more exact final ranking: float refinement copies, then the graph
+    on 8-bit vectors, then coarser refinement copies."""
     big = parse_factory(plan_index(1_000_000, 1280, 16 * GiB).factory, 1280)
+    half = parse_factory(plan_index(1_000_000, 1280, 3 * GiB).factory, 1280)
     default = parse_factory(plan_index(1_000_000, 1280).factory, 1280)
     small = parse_factory(plan_index(1_000_000, 1280, GiB).factory, 1280)
-    assert big.refine_bytes > default.refine_bytes > small.refine_bytes > 0
+    assert big.refine_bytes == 4 * 1280 and half.refine_bytes == 2 * 1280
+    assert default.graph and not default.refine_bytes
+    assert small.nlist and 0 < small.refine_bytes < 1280 and not small.graph
+
+
+def test_graph_only_while_it_builds_in_time_and_fits() -> None:
+    """Past GRAPH_MAX_BUILD (its one-by-one build) or the budget, the inverted file is
+    planned even where the graph would otherwise come first."""
+    n_max = ann.GRAPH_MAX_BUILD // 1280
+    assert ann.graph_buildable(n_max, 1280) and not ann.graph_buildable(n_max + 1, 1280)
+    budget = 3 * GiB  # the graph would fit; float refinement copies do not...
+    assert estimate_memory(ann.graph_factory(1280), n_max + 1, 1280) <= budget * ann.BUDGET_SHARE
+    over = plan_index(n_max + 1, 1280, budget)
+    assert not parse_factory(over.factory, 1280).graph and over.nprobe
+    # ...and past what the default budget holds, the inverted file with an 8-bit copy
+    crowded = plan_index(1_300_000, 1280)
+    parts = parse_factory(crowded.factory, 1280)
+    assert estimate_memory(ann.graph_factory(1280), 1_300_000, 1280) > ann.DEFAULT_MEMORY_BUDGET * ann.BUDGET_SHARE
+    assert parts.nlist and parts.refine_bytes == 1280 and crowded.k_factor
 
 
 def test_dimension_not_a_multiple_of_16_is_rotated_and_padded() -> None:
-    plan = plan_index(1_000_000, 1000)
+    plan = plan_index(1_000_000, 1000, 16 * GiB)  # an inverted file with PQ codes
     assert plan.factory.startswith("RR1008,")
     assert faiss.index_factory(1000, plan.factory, faiss.METRIC_INNER_PRODUCT).d == 1000
 
@@ -96,7 +119,7 @@ def test_memory_estimate_matches_faiss_serialised_size() -> None:
     """The byte model against what FAISS actually stores (its serialised size)."""
     d, n = 32, 3_000
     x = spectrum_data(n, d, 0)
-    for factory in ("Flat", "IVF64,PQ16x4fs", "PCAR16,IVF64,PQ8x4fs,Refine(SQ8)", "HNSW16"):
+    for factory in ("Flat", "IVF64,PQ16x4fs", "PCAR16,IVF64,PQ8x4fs,Refine(SQ8)", "HNSW16", "HNSW16_SQ8"):
         index = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
         index.train(x)
         index.add(x)

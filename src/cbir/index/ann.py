@@ -8,15 +8,27 @@ hundred to a few thousand dimensions, searched by inner product):
 - **Small collections stay exact** (``Flat``): while a full scan reads at most
   :data:`FLAT_MAX_SCAN_BYTES` per query and fits the budget, exact search costs a few tens
   of milliseconds and has nothing to tune.
-- **Large collections** get a two-stage index (Jegou et al., "Product quantization for
-  nearest neighbor search", TPAMI 2011; André et al., "Quicker ADC", 2019, for the 4-bit
-  fast-scan codes): an inverted file with about ``sqrt(n)`` lists (``IVF1024`` at a
-  million), 4-bit fast-scan PQ codes of four dimensions each (``PQ320x4fs``, 160 bytes
-  for 1280-d) that are scanned with SIMD lookups, and a **refinement** of the best
-  ``k * k_factor`` candidates on the full vectors, stored as exactly as the budget allows
-  (``RFlat`` > ``Refine(SQfp16)`` > ``Refine(SQ8)`` > ``Refine(SQ4)``). The codes only
-  have to put the true neighbours somewhere in the candidate list; the refinement orders
-  them. No PCA: it removes the low-variance axes in which near neighbours differ.
+- **Large collections** get a compressed index with the most exact final ranking the
+  budget allows, in this order:
+
+  1. an inverted file with about ``sqrt(n)`` lists (``IVF1024`` at a million) and 4-bit
+     fast-scan PQ codes of four dimensions each (``PQ320x4fs``, 160 bytes for 1280-d;
+     Jegou et al., "Product quantization for nearest neighbor search", TPAMI 2011; André
+     et al., "Quicker ADC", 2019), whose best ``k * k_factor`` candidates are re-ranked on
+     the full vectors (``RFlat``) or on half-precision copies (``Refine(SQfp16)``);
+  2. where those do not fit, a **graph on 8-bit vectors** (``HNSW32_SQ8``: Malkov &
+     Yashunin, "Efficient and robust approximate nearest neighbor search using
+     Hierarchical Navigable Small World graphs", TPAMI 2018): its 8-bit codes rank as
+     precisely as an 8-bit refinement copy, and a query visits a few thousand vectors
+     instead of scanning a share of the lists. It is proposed while its build stays under
+     half an hour on two cores (:data:`GRAPH_MAX_BUILD`);
+  3. then the inverted file with an 8-bit or 4-bit refinement copy (``Refine(SQ8)``,
+     ``Refine(SQ4)``), and last the codes alone.
+
+  At a million 1280-d descriptors and the default 2 GiB this picks ``HNSW32_SQ8``: on
+  synthetic descriptors it reached recall@10 0.96 at about 3.5 ms per query, where the
+  inverted file's best 0.95 cost 7 ms (docs/benchmarks/2026-12-03-ann-1m.md). No PCA: it
+  removes the low-variance axes in which near neighbours differ.
 
 Every plan carries its search defaults (``nprobe``, ``k_factor``) and
 :func:`train_sample_size` says how many vectors training needs, so a build trains on a
@@ -66,6 +78,16 @@ BUDGET_SHARE = 0.9
 #: 128 of 1,024, recall@10 was 0.905 with 32, 0.933 with 64, 0.957 with 128
 #: (docs/benchmarks/2026-12-03-ann-1m.md).
 DEFAULT_K_FACTOR = 128.0
+#: The graph candidate: links per node and the search depth a plan starts with. On 1M
+#: synthetic 1280-d descriptors (efConstruction 40), efSearch 96 gave recall@10 0.937,
+#: 128 0.960, 160 0.965, at 2.8, 3.1-3.7 and 4.2-4.9 ms per query on one thread.
+GRAPH_M = 32
+DEFAULT_EF_SEARCH = 128
+#: Largest ``n * dim`` the graph is proposed for: its build inserts vectors one by one
+#: (16 min for 1M x 1280 on two cores, growing a little faster than n), so beyond about
+#: 1.5M x 1280 it would not build in 30 min on two cores; the inverted file trains on a
+#: sample instead and adds at about 20,000 vectors a second.
+GRAPH_MAX_BUILD = 1_500_000 * 1280
 #: Share of the inverted lists a query visits. Descriptors' near neighbours straddle
 #: cells: on synthetic descriptors at 200k (IVF512, exact vectors in the lists) visiting
 #: 1/16 of the lists found 0.96 of the true top 10, 1/8 0.98, 1/4 0.997.
@@ -120,29 +142,48 @@ def plan_index(n: int, dim: int, memory_budget: int | None = None) -> IndexPlan:
 
 
 def ann_plan(n: int, dim: int, memory_budget: int | None = None) -> IndexPlan:
-    """The large-collection plan for ``n`` vectors, whatever their number: the most precise
-    PCA + IVF + fast-scan PQ + refinement combination whose estimated memory fits the
-    budget. :func:`plan_index` uses it above the exact-search limit; benchmarks apply it
+    """The large-collection plan for ``n`` vectors, whatever their number: the candidate
+    of :func:`_ann_candidates` with the most exact final ranking whose estimated memory
+    fits the budget. :func:`plan_index` uses it above the exact-search limit; benchmarks apply it
     to small collections too, to measure it on real descriptors."""
     budget = _check(n, dim, memory_budget)
     usable = budget * BUDGET_SHARE
     tried = []
-    # a refinement matters more to recall than finer codes: try every base with the
-    # most precise refinement before any base with a coarser one
-    bases = _ann_bases(n, dim)
-    for refine, _ in (*_REFINEMENTS, ("", 0.0)):
-        for base in bases:
-            factory = f"{base},{refine}" if refine else base
-            need = estimate_memory(factory, n, dim)
-            tried.append((factory, need))
-            if need <= usable:
-                return _ann_plan(factory, n, dim, need, budget)
+    for factory in _ann_candidates(n, dim):
+        need = estimate_memory(factory, n, dim)
+        tried.append((factory, need))
+        if need <= usable:
+            return _ann_plan(factory, n, dim, need, budget)
     smallest = min(tried, key=lambda t: t[1])
     raise MemoryBudgetError(
         f"no index for {n:,} vectors of {dim} dimensions fits a memory budget of "
         f"{_mb(budget)}: the smallest ({smallest[0]}) needs about {_mb(smallest[1])}. "
         "Raise --memory-budget or use a smaller descriptor."
     )
+
+
+def _ann_candidates(n: int, dim: int) -> list[str]:
+    """Every large-collection index, most precise final ranking first (module docstring):
+    each inverted-file base with a float refinement, the graph on 8-bit vectors, each base
+    with an 8-bit then 4-bit refinement, the bases alone. Within one refinement a base
+    with finer codes comes first: a refinement matters more to recall than finer codes."""
+    bases = _ann_bases(n, dim)
+    out = [f"{b},{r}" for r, _ in _REFINEMENTS[:2] for b in bases]
+    if graph_buildable(n, dim):
+        out.append(graph_factory(dim))
+    out += [f"{b},{r}" for r, _ in _REFINEMENTS[2:] for b in bases]
+    return out + bases
+
+
+def graph_factory(dim: int) -> str:
+    """The graph candidate for ``dim``-d vectors: HNSW over 8-bit scalar-quantised codes."""
+    return f"HNSW{GRAPH_M}_SQ8"
+
+
+def graph_buildable(n: int, dim: int) -> bool:
+    """Whether the graph is a candidate: its build, one insertion at a time, stays within
+    :data:`GRAPH_MAX_BUILD` (its 8-bit ranges train on any number of vectors)."""
+    return n * dim <= GRAPH_MAX_BUILD
 
 
 def _check(n: int, dim: int, memory_budget: int | None) -> int:
@@ -184,13 +225,17 @@ def _ann_plan(factory: str, n: int, dim: int, need: int, budget: int) -> IndexPl
     flat_bytes = estimate_memory("Flat", n, dim)
     nprobe = default_nprobe(parts.nlist) if parts.nlist else None
     k_factor = DEFAULT_K_FACTOR if parts.refine_bytes else None
-    refine = f"refined on {parts.refine_label}" if parts.refine_bytes else "no refinement fits"
+    ef_search = DEFAULT_EF_SEARCH if parts.graph else None
+    if parts.graph:
+        refine = "a graph on 8-bit vectors: no float refinement fits"
+    else:
+        refine = f"refined on {parts.refine_label}" if parts.refine_bytes else "no refinement fits"
     reason = (
         f"{n:,} vectors x {dim}-d: exact search would need {_mb(flat_bytes)} and scan it all "
         f"per query; this plan needs about {_mb(need)} of the {_mb(budget)} budget "
         f"({refine}); trained on {train_sample_size(factory, n):,} vectors"
     )
-    return IndexPlan(factory, nprobe=nprobe, k_factor=k_factor, reason=reason)
+    return IndexPlan(factory, nprobe=nprobe, ef_search=ef_search, k_factor=k_factor, reason=reason)
 
 
 def ivf_lists(n: int) -> int:
@@ -239,6 +284,7 @@ class FactoryParts:
     refine_label: str = ""
     trains: bool = False
     pq_centroids: int = 0  #: centroids of the largest PQ codebook k-means trains
+    graph: bool = False  #: an HNSW graph (searched with efSearch)
 
 
 _SPLIT = re.compile(r",(?![^()]*\))")
@@ -273,6 +319,7 @@ def _apply_token(p: FactoryParts, token: str, dim: int) -> bool:
         p.trains = True
     elif m := re.fullmatch(r"HNSW(\d+)(?:_(.+))?", token):
         p.per_vector_bytes += int(m.group(1)) * 2 * 4 * 1.05 + 16
+        p.graph = True
         p.code_bytes += _code_bytes(m.group(2) or "Flat", d, p)
     elif m := re.fullmatch(r"RFlat|Refine\((.+)\)", token):
         inner = m.group(1) or "Flat"

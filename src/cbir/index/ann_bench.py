@@ -33,6 +33,7 @@ from faiss.contrib.exhaustive_search import knn_ground_truth
 
 from cbir.errors import CbirError
 from cbir.index import ann
+from cbir.index.stores.faiss_index import make_index
 
 K = 10
 #: Rows read from the collection at a time while adding and computing exact neighbours.
@@ -89,10 +90,10 @@ class Result:
 
 def candidates(n: int, dim: int, memory_budget: int | None = None) -> list[Candidate]:
     """What to measure for ``n`` vectors: Flat, the auto plan at its settings (chosen) and
-    around them, and its first stage alone. When the plan is Flat (a small collection),
-    the large-collection plan for this size is measured as well, labelled as such, if the
-    collection can train its inverted file (:func:`cbir.index.ann.trainable`); otherwise
-    Flat is measured alone."""
+    around them, and its first stage alone (an inverted file without its refinement). When
+    the plan is Flat (a small collection), the large-collection plan for this size is
+    measured as well, labelled as such, if the collection can train its inverted file
+    (:func:`cbir.index.ann.trainable`); otherwise Flat is measured alone."""
     plan = ann.plan_index(n, dim, memory_budget)
     out = [Candidate("Flat", label="exact (baseline)")]
     label = "auto plan"
@@ -101,6 +102,10 @@ def candidates(n: int, dim: int, memory_budget: int | None = None) -> list[Candi
         label = "large-collection plan (auto picks Flat at this size)"
         if not ann.parse_factory(plan.factory, dim).nlist:
             return out  # too few vectors for an inverted file: the fallback codes say nothing
+    if plan.ef_search:  # a graph: its one search setting, around the plan's
+        ef = plan.ef_search
+        depths = sorted({ef // 2, ef, ef * 5 // 4, ef * 2})
+        return out + [Candidate(plan.factory, ef_search=e, label=label) for e in depths]
     nprobe = plan.nprobe or 1
     nlist = ann.parse_factory(plan.factory, dim).nlist or nprobe
     probes = sorted({max(1, min(nlist, p)) for p in (nprobe // 2, nprobe, nprobe * 2, nprobe * 4)})
@@ -161,10 +166,7 @@ def build(factory: str, vectors: np.ndarray, *, threads: int = 2, seed: int = 0)
         _trim()
         before = anon_rss()
         t = time.perf_counter()
-        index = faiss.index_factory(vectors.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
-        for part in _nested(index):
-            if hasattr(part, "do_polysemous_training"):
-                part.do_polysemous_training = False  # unused Hamming filter, minutes of training
+        index = make_index(vectors.shape[1], factory)  # what the store builds, same settings
         size = ann.train_sample_size(factory, len(vectors))
         if size:
             rows = np.sort(np.random.default_rng(seed).choice(len(vectors), size, replace=False))
@@ -178,15 +180,6 @@ def build(factory: str, vectors: np.ndarray, *, threads: int = 2, seed: int = 0)
         return index, seconds, max(0, anon_rss() - before)
     finally:
         faiss.omp_set_num_threads(previous)
-
-
-def _nested(index: faiss.Index) -> Iterator[faiss.Index]:
-    index = faiss.downcast_index(index)
-    yield index
-    for attr in ("index", "base_index"):
-        inner = getattr(index, attr, None)
-        if isinstance(inner, faiss.Index):
-            yield from _nested(inner)
 
 
 def search_one_by_one(
