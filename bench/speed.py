@@ -120,7 +120,7 @@ def bench_extract(args: argparse.Namespace) -> dict:
         done = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True)
         return float(done.stdout.strip().splitlines()[-1])
 
-    def t_engine(engine: str) -> float:
+    def t_engine(engine: str, workers: int = workers) -> float:
         d = desc8 if engine == "onnx-int8" else desc
         res = extract(d, files, engine=engine, device="cpu", calibrate=args.calibrate, workers=workers,
                       batch_size=args.batch_size, progress=False)
@@ -137,6 +137,8 @@ def bench_extract(args: argparse.Namespace) -> dict:
     methods = {"naive": t_naive, "naive, tuned malloc": t_naive_tuned}
     for engine in ENGINE_METHODS:
         methods[engine] = functools.partial(t_engine, engine)
+        if args.also_workers is not None and args.also_workers != workers:  # the other decode layout, same run
+            methods[f"{engine}, -j {args.also_workers}"] = functools.partial(t_engine, engine, args.also_workers)
         if engine != "torch":
             methods[f"{engine} model only"] = functools.partial(t_ceiling, engine)
     times: dict[str, list[float]] = {m: [] for m in methods}
@@ -161,7 +163,8 @@ def bench_extract(args: argparse.Namespace) -> dict:
         "ratio_to_naive": {m: med[m] / med["naive"] for m in med},
         "ratio_to_naive_tuned": {m: med[m] / med["naive, tuned malloc"] for m in med},
         "cpu_seconds": cpu,
-        "fraction_of_ceiling": {e: med[e] / med[f"{e} model only"] for e in ("onnx", "onnx-int8")},
+        "fraction_of_ceiling": {m: med[m] / med[f"{m.split(',')[0]} model only"] for m in med
+                                if m.split(",")[0] in ("onnx", "onnx-int8") and "model only" not in m},
         "int8_over_fp32_onnx": med["onnx-int8"] / med["onnx"],
         "int8_model_only_over_fp32_model_only": med["onnx-int8 model only"] / med["onnx model only"],
     }
@@ -349,7 +352,10 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32, help="batch of the engines (naive: 32)")
     ap.add_argument("--ceiling-batches", default="1,8,16,32,64",
                     help="batch sizes for the model-only sweep ('' to skip)")
-    ap.add_argument("--workers", type=int, default=None, help="decode workers (default: cores - 1)")
+    ap.add_argument("--workers", type=int, default=None,
+                    help="decode workers (default: cbir's, cbir.extract.default_workers)")
+    ap.add_argument("--also-workers", type=int, default=None,
+                    help="also time each engine with this many decode workers, in the same run")
     ap.add_argument("--eval-sizes", default="12000,100000")
     ap.add_argument("--full-max", type=int, default=12000, help="largest N for the full sort")
     ap.add_argument("--dim", type=int, default=128)

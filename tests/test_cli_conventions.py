@@ -108,8 +108,10 @@ def test_workers_help_matches_the_code() -> None:
     from cbir.runtime import usable_cores
 
     _, out, _ = cli("extract", "--help")
-    assert "one fewer than the cores" in re.sub(r"[\s│]+", " ", out)
-    assert default_workers() == max(1, min(8, usable_cores() - 1))
+    text = re.sub(r"[\s│]+", " ", out)
+    assert "one fewer than the cores" in text and "on 2 cores or fewer 0" in text
+    cores = usable_cores()
+    assert default_workers() == (0 if cores <= 2 else min(8, cores - 1))
 
 
 # --------------------------------------------------------------------------------------------

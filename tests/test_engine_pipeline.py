@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 from pathlib import Path
 
@@ -60,6 +61,44 @@ def test_workers_and_inline_decode_give_identical_pixels(mixed_dir: list[Path]) 
     assert inline.keys() == pooled.keys() == set(range(10))
     for i in inline:
         np.testing.assert_array_equal(inline[i], pooled[i])
+
+
+def test_threaded_inline_decode_gives_the_same_pixels_and_failures(
+    mixed_dir: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """workers=0 decodes each batch with several threads: same pixels, same failures, in
+    the same order as one thread; the threads really ran (more than one decoding thread)."""
+    import threading
+
+    ex = importlib.import_module("cbir.extract")  # the package exports a function of that name
+
+    seen: set[int] = set()
+    real = ex._decode_one
+
+    def spy(*args, **kwargs):
+        seen.add(threading.get_ident())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ex, "_decode_one", spy)
+    pre = Preprocess(size=40, resize="squash")
+    one = list(decoded_batches(mixed_dir, pre, batch_size=6, workers=0, threads=1))
+    assert seen == {threading.get_ident()}
+    seen.clear()
+    many = list(decoded_batches(mixed_dir, pre, batch_size=6, workers=0, threads=3))
+    assert len(seen) > 1 and threading.get_ident() not in seen
+    assert [(idx, fails) for idx, _, fails in one] == [(idx, fails) for idx, _, fails in many]
+    for (_, a, _), (_, b, _) in zip(one, many, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert {i for _, _, fails in many for i, _ in fails} == {10, 11}
+
+
+@pytest.mark.parametrize(("cores", "workers"), [(1, 0), (2, 0), (3, 2), (4, 3), (32, 8)])
+def test_default_workers_follow_the_cores(monkeypatch: pytest.MonkeyPatch, cores: int, workers: int) -> None:
+    """Two cores or fewer: no decode process (decode, then infer); above: cores - 1, 1 to 8."""
+    ex = importlib.import_module("cbir.extract")  # the package exports a function of that name
+
+    monkeypatch.setattr(ex, "usable_cores", lambda: cores)
+    assert ex.default_workers() == workers
 
 
 def test_crop_boxes_decide_the_size(tmp_path: Path) -> None:

@@ -19,6 +19,14 @@ same few cores:
   versions ran a DataLoader with one worker per core, a deep prefetch queue and torch's
   own intra-op threads: on 2 cores that oversubscription showed up as minutes of
   system time.
+- **Two cores or fewer: decode, then infer.** There a decode process can only run on a core
+  the model's threads also want, and the model's parallel regions wait for the preempted
+  thread. So the default there is no worker process (``workers=0``): each batch is decoded
+  in this process by one thread per core (Pillow releases the GIL while it decodes and
+  resizes), then the model runs on every core, turn by turn. On gpr-mini this took the
+  fp32 ONNX engine from 74% to 83% of its model-only rate and the torch engine from 0.95x
+  to 1.05x the naive loop with a tuned allocator (docs/benchmarks/2026-12-03-speed.md). ``--workers N`` keeps
+  decoding in N separate processes, which also isolates a decoder crash from the job.
 
 A file that fails to decode is recorded with its reason and the run goes on.
 :func:`iter_extract` yields batches as they finish (the index commits each one, so an
@@ -33,7 +41,7 @@ import os
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
-from concurrent.futures import Executor, Future, ProcessPoolExecutor
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -108,9 +116,16 @@ def crop_box(img, box: Box):
     return img.crop((x1, y1, max(x1 + 1, x2), max(y1 + 1, y2)))
 
 
+#: At most this many usable cores: decode in this process between model calls (module
+#: docstring, "Two cores or fewer").
+PHASED_MAX_CORES = 2
+
+
 def default_workers() -> int:
-    """Decode processes: one per core minus the one the model mostly occupies, at least 1."""
-    return max(1, min(8, usable_cores() - 1))
+    """Decode processes: one per core minus the one the model mostly occupies, 1 to 8; none
+    on :data:`PHASED_MAX_CORES` cores or fewer (decoded in-process, between model calls)."""
+    cores = usable_cores()
+    return 0 if cores <= PHASED_MAX_CORES else min(8, cores - 1)
 
 
 # ----------------------------------------------------------------------------------------
@@ -125,6 +140,7 @@ class _Task:
     boxes: list[Box | None]
     preprocess: Preprocess
     max_pixels: int | None
+    threads: int = 1  #: decode the files of this batch with this many threads
 
 
 #: (shape, indices, stacked uint8 array) groups and (index, reason) failures of one task.
@@ -141,18 +157,34 @@ def _decode_one(
     return preprocess.to_array(img)
 
 
+def _decode_or_reason(
+    path: str, box: Box | None, preprocess: Preprocess, max_pixels: int | None
+) -> np.ndarray | str:
+    """The image's array, or why it could not be decoded."""
+    try:
+        return _decode_one(path, box, preprocess, max_pixels)
+    except DecodeError as exc:
+        return exc.reason
+    except Exception as exc:  # a resize of a degenerate image, etc.: report, don't die
+        return f"{type(exc).__name__}: {exc}"
+
+
 def _decode_task(task: _Task) -> _Decoded:
-    """Decode a planned batch; images of an unexpected size form their own groups."""
+    """Decode a planned batch (with ``task.threads`` threads); images of an unexpected size
+    form their own groups."""
+    def one(path: str, box: Box | None) -> np.ndarray | str:
+        return _decode_or_reason(path, box, task.preprocess, task.max_pixels)
+
+    if task.threads > 1 and len(task.paths) > 1:
+        with ThreadPoolExecutor(min(task.threads, len(task.paths))) as pool:
+            decoded = list(pool.map(one, task.paths, task.boxes))
+    else:
+        decoded = [one(p, b) for p, b in zip(task.paths, task.boxes, strict=True)]
     groups: dict[tuple[int, ...], tuple[list[int], list[np.ndarray]]] = {}
     failures: list[tuple[int, str]] = []
-    for i, path, box in zip(task.indices, task.paths, task.boxes, strict=True):
-        try:
-            arr = _decode_one(path, box, task.preprocess, task.max_pixels)
-        except DecodeError as exc:
-            failures.append((i, exc.reason))
-            continue
-        except Exception as exc:  # a resize of a degenerate image, etc.: report, don't die
-            failures.append((i, f"{type(exc).__name__}: {exc}"))
+    for i, arr in zip(task.indices, decoded, strict=True):
+        if isinstance(arr, str):
+            failures.append((i, arr))
             continue
         idx, arrays = groups.setdefault(arr.shape, ([], []))
         idx.append(i)
@@ -173,7 +205,8 @@ def _header_sizes(paths: list[str]) -> list[tuple[int, int] | None]:
 
 
 class _InlineExecutor(Executor):
-    """Runs tasks at submission, in this process (``workers=0``: tests, debugging)."""
+    """Runs tasks at submission, in this process (``workers=0``: the default on two cores
+    or fewer, and for tests and debugging)."""
 
     def submit(self, fn, /, *args, **kwargs):  # type: ignore[override]
         fut: Future = Future()
@@ -237,12 +270,15 @@ def decoded_batches(
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     boxes: Sequence[Box | None] | None = None,
     window: int | None = None,
+    threads: int | None = None,
 ) -> Iterator[tuple[list[int], np.ndarray | None, list[tuple[int, str]]]]:
     """Yield (indices, uint8 B x H x W x 3 or None, failures) in a deterministic order.
 
     Decoding runs ``workers`` processes ahead of the consumer with at most
     ``2 * workers + 2`` batches in flight; ``window`` files (default 16 batches) are
-    planned at a time when the output size depends on the image (``keep``).
+    planned at a time when the output size depends on the image (``keep``). With
+    ``workers=0`` each batch is decoded in this process when the consumer asks for it, by
+    ``threads`` threads (default: one per usable core).
     """
     if batch_size < 1:
         raise ValueError("batch_size must be at least 1")
@@ -256,6 +292,7 @@ def decoded_batches(
     windows = list(_chunks(order, window))
     max_inflight = 2 * workers + 2
     pool = _make_pool(workers)
+    decode_threads = 1 if workers else max(1, usable_cores() if threads is None else threads)
 
     def submit_headers(win: list[int]) -> list[Future]:
         return [pool.submit(_header_sizes, [paths[i] for i in part]) for part in _chunks(win, 128)]
@@ -267,6 +304,7 @@ def decoded_batches(
             boxes=[boxes[i] for i in indices] if boxes is not None else [None] * len(indices),
             preprocess=preprocess,
             max_pixels=max_pixels,
+            threads=decode_threads,
         )
         return pool.submit(_decode_task, task)
 

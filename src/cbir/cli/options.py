@@ -65,7 +65,8 @@ CalibrateOpt = Annotated[
 BatchOpt = Annotated[int, typer.Option("--batch-size", "-b", help="Images per model batch.")]
 WorkersOpt = Annotated[
     int | None,
-    typer.Option("--workers", "-j", help="Decode worker processes (default: one fewer than the cores, 1 to 8)."),
+    typer.Option("--workers", "-j", help="Decode worker processes (default: one fewer than the cores, 1 to 8; "
+                "on 2 cores or fewer 0: decoded in this process, one thread per core, between model calls)."),
 ]
 MaxPixelsOpt = Annotated[int, typer.Option("--max-pixels", help="Skip images with more pixels than this.")]
 QuietOpt = Annotated[
