@@ -35,22 +35,6 @@ from cbir.index import ann
 from cbir.index.stores import ArraySource, FaissStore, SearchParams
 
 
-class _Source(ArraySource):
-    """The collection as the catalogue would give it, recording how it is read."""
-
-    def __init__(self, ids: np.ndarray, vectors: np.ndarray) -> None:
-        super().__init__(ids, vectors)
-        self.calls: list[str] = []
-
-    def chunks(self, size: int = 20_000):  # type: ignore[override]
-        self.calls.append("chunks")
-        return super().chunks(size)
-
-    def fetch(self, ids):  # type: ignore[override]
-        self.calls.append("fetch")
-        return super().fetch(ids)
-
-
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
@@ -86,11 +70,11 @@ def main() -> None:
         store.flush(2)
         journal_s = time.perf_counter() - t
         log(f"{args.changes:,} additions journalled in {journal_s:.2f}s")
-        source = _Source(ids, x)
+        source = ArraySource(ids, x)
         t = time.perf_counter()
         assert store.compact(source, force=True)
         compact_s = time.perf_counter() - t
-        assert source.calls == ["fetch"], f"compaction read the whole source: {source.calls}"
+        assert source.reads == ["fetch"], f"compaction read the whole source: {source.reads}"
         info = store.info()
         assert info["base_vectors"] == total and info["journal_vectors"] == 0, info
         log(f"compaction by extension: {compact_s:.1f}s")

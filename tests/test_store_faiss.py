@@ -187,23 +187,6 @@ def test_tidy_removes_leftovers_of_interrupted_writes(tmp_path: Path) -> None:
     ]
 
 
-class _Reads(ArraySource):
-    """An ArraySource that records how it was read: ``chunks`` is a rebuild's full read,
-    ``fetch`` the extension's read of the new vectors only."""
-
-    def __init__(self, ids: np.ndarray, vectors: np.ndarray) -> None:
-        super().__init__(ids, vectors)
-        self.calls: list[str] = []
-
-    def chunks(self, size: int = 20_000):  # type: ignore[override]
-        self.calls.append("chunks")
-        return super().chunks(size)
-
-    def fetch(self, ids):  # type: ignore[override]
-        self.calls.append("fetch")
-        return super().fetch(ids)
-
-
 @pytest.mark.parametrize("factory", ["Flat", "HNSW16_SQ8", "IVF8,PQ4x4fs,Refine(Flat)"])
 def test_compaction_of_additions_extends_the_base(tmp_path: Path, factory: str) -> None:
     """Additions alone are folded in by adding them to the base (the source's new vectors
@@ -214,9 +197,9 @@ def test_compaction_of_additions_extends_the_base(tmp_path: Path, factory: str) 
     store.rebuild(ArraySource(ids[:300], x[:300]), 1)
     store.add(ids[300:], x[300:])
     store.flush(2)
-    source = _Reads(ids, x)
+    source = ArraySource(ids, x)
     assert store.compact(source, force=True)
-    assert source.calls == ["fetch"]  # the extension ran, not a rebuild
+    assert source.reads == ["fetch"]  # the extension ran, not a rebuild
     info = store.info()
     assert (info["base_vectors"], info["journal_vectors"], info["tombstones"]) == (400, 0, 0)
     reopened = FaissStore(tmp_path / "s", DIM, factory)
@@ -229,6 +212,6 @@ def test_compaction_of_additions_extends_the_base(tmp_path: Path, factory: str) 
         np.testing.assert_array_equal(got, store.search(q, 5)[1])
     reopened.remove(ids[:5])
     reopened.flush(3)
-    after = _Reads(ids[5:], x[5:])
+    after = ArraySource(ids[5:], x[5:])
     assert reopened.compact(after, force=True)
-    assert after.calls and after.calls[0] == "chunks" and reopened.info()["tombstones"] == 0
+    assert after.reads and after.reads[0] == "chunks" and reopened.info()["tombstones"] == 0

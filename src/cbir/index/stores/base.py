@@ -198,13 +198,17 @@ def reconcile(
 
 
 class ArraySource:
-    """A :class:`VectorSource` over arrays in memory (tests, benchmarks, imports)."""
+    """A :class:`VectorSource` over arrays in memory (tests, benchmarks, imports).
+
+    ``reads`` records each full read (``"chunks"``) and each fetch by id (``"fetch"``), so
+    a caller can tell a store's rebuild from its extension."""
 
     def __init__(self, ids: np.ndarray, vectors: np.ndarray) -> None:
         order = np.argsort(np.asarray(ids, dtype=np.int64), kind="stable")
         self._ids = np.asarray(ids, dtype=np.int64)[order]
         self._vectors = np.ascontiguousarray(np.asarray(vectors, dtype=np.float32)[order])
         self.dim = int(self._vectors.shape[1]) if self._vectors.ndim == 2 else 0
+        self.reads: list[str] = []
 
     def count(self) -> int:
         return len(self._ids)
@@ -213,10 +217,12 @@ class ArraySource:
         return self._ids.copy()
 
     def chunks(self, size: int = 20_000) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        self.reads.append("chunks")
         for start in range(0, len(self._ids), size):
             yield self._ids[start : start + size], self._vectors[start : start + size]
 
     def fetch(self, ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        self.reads.append("fetch")
         wanted = np.asarray(list(ids), dtype=np.int64)
         pos = np.searchsorted(self._ids, wanted)
         pos = np.clip(pos, 0, max(len(self._ids) - 1, 0))
