@@ -164,10 +164,13 @@ def test_trained_index_is_cached_and_reused_by_compaction(tmp_path: Path, monkey
 
 
 def test_compaction_policy() -> None:
-    p = CompactionPolicy(min_pending=1024, share=0.25, max_pending=8192, bulk_share=1.0)
+    p = CompactionPolicy(min_pending=1024, share=0.25, max_pending=2048, bulk_share=1.0)
     assert not p.due(1000, 0) and p.due(1025, 0)
-    assert not p.due(2500, 10_000) and p.due(2501, 10_000)
-    assert not p.due(8192, 1_000_000) and p.due(8193, 1_000_000)  # capped: query cost
+    assert not p.due(1500, 6_000) and p.due(1501, 6_000)
+    assert not p.due(2048, 1_000_000) and p.due(2049, 1_000_000)  # capped: every query scans the delta
+    # tombstones cost searches little and a rebuild much: a share of the base, no cap
+    assert not p.due(0, 1_000_000, tombstones=250_000) and p.due(0, 1_000_000, tombstones=250_001)
+    assert not p.due(2000, 1_000_000, tombstones=200_000)
     assert not p.due(900_000, 1_000_000, bulk=True) and p.due(1_000_001, 1_000_000, bulk=True)
 
 
@@ -210,8 +213,26 @@ def test_compaction_of_additions_extends_the_base(tmp_path: Path, factory: str) 
     if factory != "HNSW16_SQ8":  # a rebuild with the same trained index answers the same
         store.rebuild(ArraySource(ids, x), 2)
         np.testing.assert_array_equal(got, store.search(q, 5)[1])
+    # removals and additions, the delta due: extended again, the removed vectors carried as
+    # tombstones (too few to be due themselves)
+    policy = CompactionPolicy(min_pending=10, share=0.25, max_pending=15)
+    reopened = FaissStore(tmp_path / "s", DIM, factory, policy=policy)
+    assert reopened.load(2)
+    more, xm = np.arange(400, 420, dtype=np.int64), unit(20, seed=22)
     reopened.remove(ids[:5])
+    reopened.add(more, xm)
     reopened.flush(3)
-    after = ArraySource(ids[5:], x[5:])
-    assert reopened.compact(after, force=True)
-    assert after.reads and after.reads[0] == "chunks" and reopened.info()["tombstones"] == 0
+    now = ArraySource(np.concatenate([ids[5:], more]), np.vstack([x[5:], xm]))
+    assert reopened.compact(now) and now.reads == ["fetch"]
+    assert (reopened.info()["base_vectors"], reopened.info()["tombstones"]) == (420, 5)
+    again = FaissStore(tmp_path / "s", DIM, factory)
+    assert again.load(3) and again.info()["tombstones"] == 5 and again.count() == 415
+    _, got = again.search(x[:5], 10)
+    assert not set(got.ravel()) & set(ids[:5].tolist())  # removed stays removed after reopening
+    # asked to compact now with tombstones pending: rebuilt from the source, the tombstones gone
+    again.remove(ids[5:10])
+    again.flush(4)
+    after = ArraySource(np.concatenate([ids[10:], more]), np.vstack([x[10:], xm]))
+    assert again.compact(after, force=True)
+    assert after.reads and after.reads[0] == "chunks" and again.info()["tombstones"] == 0
+    assert again.count() == 410

@@ -54,22 +54,33 @@ _STRAY = re.compile(r"^(base-\d+\.(faiss|ids)|journal-\d+\.log|trained-\w+\.fais
 class CompactionPolicy:
     """When the journal is folded into a new base.
 
-    ``pending`` = vectors in the delta + tombstones. Compaction is due when ``pending``
-    exceeds ``min_pending`` and ``share`` of the base, capped at ``max_pending`` (the delta
-    is searched exactly, so its size is a cost on every query). During one long sync the
-    cap is lifted and the share is ``bulk_share``: the base then grows geometrically, so
-    indexing n images writes O(n) base bytes in all.
+    The two kinds of change cost different things. The **delta** (vectors added since the
+    base) is searched exactly by every query, so it is capped: compaction is due when it
+    exceeds ``min_pending`` and ``share`` of the base, at most ``max_pending`` (2,048
+    1280-d vectors are 10 MB scanned per query). Additions alone are folded in by
+    extending the base (seconds), so a small cap is cheap. **Tombstones** cost a search
+    almost nothing (an ``IDSelector`` skips them), but folding them in rebuilds the base
+    (a graph cannot drop a vector: 15 minutes at a million), so they wait until they are
+    ``share`` of the base. During one long sync the cap is lifted and the share is
+    ``bulk_share``: the base then grows geometrically, so indexing n images writes O(n)
+    base bytes in all.
     """
 
     min_pending: int = 1024
     share: float = 0.25
-    max_pending: int = 8192
+    max_pending: int = 2048
     bulk_share: float = 1.0
 
-    def due(self, pending: int, base: int, *, bulk: bool = False) -> bool:
+    def due(self, delta: int, base: int, *, bulk: bool = False, tombstones: int = 0) -> bool:
         if bulk:
-            return pending > max(self.min_pending, self.bulk_share * base)
-        return pending > max(self.min_pending, min(self.share * base, self.max_pending))
+            return delta + tombstones > max(self.min_pending, self.bulk_share * base)
+        if delta > max(self.min_pending, min(self.share * base, self.max_pending)):
+            return True
+        return self.tombstones_due(tombstones, base)
+
+    def tombstones_due(self, tombstones: int, base: int) -> bool:
+        """Whether the removed vectors are enough of the base to rebuild it without them."""
+        return tombstones > max(self.min_pending, self.share * base)
 
 
 #: The policy of stores made without one (tests swap it for a tiny one to exercise compaction).
@@ -352,32 +363,39 @@ class FaissStore:
     def compact(self, source: VectorSource, *, force: bool = False, bulk: bool = False) -> bool:
         base = len(self._view.base_ids)
         untrained = self._view.base is None and self.min_vectors > 0 and source.count() >= self.min_vectors
-        if not (force or untrained or self.policy.due(self.pending(), base, bulk=bulk)):
+        view = self._view
+        due = self.policy.due(int(view.delta.ntotal), base, bulk=bulk, tombstones=len(view.tombs))
+        if not (force or untrained or due):
             return False
-        if not self._extend(source):
+        # tombstones leave only through a rebuild: when they are due, or when asked to now
+        fold = len(view.tombs) and (force or self.policy.tombstones_due(len(view.tombs), base))
+        if fold or not self._extend(source):
             self.rebuild(source, self._generation)
         return True
 
     def _extend(self, source: VectorSource) -> bool:
-        """Compaction of additions alone: the base file read into memory, the new vectors
+        """Compaction by extension: the base file read into memory, the new vectors
         added at its end, written as the new base. Every FAISS type the planner uses adds
         in place once trained, so this is the base a rebuild would make (same positions,
         same codes; a graph gets the same insertions in the same order) at the cost of the
         change plus one write of the file, not a rebuild of the collection: 16 minutes for
         a graph of a million vectors, a minute for an inverted file.
 
-        Only when nothing was removed since the base (a graph cannot drop a vector) and the
-        catalogue's ids are exactly the base's followed by the new ones, ascending; else
-        False and the caller rebuilds."""
+        Removed vectors stay in the extended base as tombstones (a graph cannot drop a
+        vector), carried into the new journal; they are folded in by a rebuild once they
+        are a share of the base (:class:`CompactionPolicy`). Only when the catalogue's ids
+        are exactly the base's live ones followed by the new ones, ascending; else False
+        and the caller rebuilds."""
         view, manifest = self._view, self._manifest
-        if view.base is None or len(view.tombs) or not view.delta.ntotal or not manifest or self.readonly:
+        if view.base is None or not view.delta.ntotal or not manifest or self.readonly:
             return False
         new = np.sort(view.delta_ids())
         if len(view.base_ids) and new[0] <= view.base_ids[-1]:
             return False
+        live = np.delete(view.base_ids, view.tombs)
         ids = source.ids()
-        n = len(view.base_ids)
-        if len(ids) != n + len(new) or not (np.array_equal(ids[:n], view.base_ids) and np.array_equal(ids[n:], new)):
+        n = len(live)
+        if len(ids) != n + len(new) or not (np.array_equal(ids[:n], live) and np.array_equal(ids[n:], new)):
             return False
         got, vectors = source.fetch(new)
         if not np.array_equal(got, new):
@@ -385,8 +403,10 @@ class FaissStore:
         entry = manifest["base"]
         base = fx.read_index_file(self.folder / entry["file"], entry["xxh3"], self.dim, mapped=False)
         base.add(fx.as_float32(vectors, self.dim))
-        grown = _View(self.dim, base=base, base_ids=ids)
-        self._start(base, ids, self._generation, grown)
+        all_ids = np.concatenate([view.base_ids, new])
+        grown = _View(self.dim, base=base, base_ids=all_ids)
+        grown.apply(np.zeros(0, np.int64), np.zeros((0, self.dim), np.float32), view.base_ids[view.tombs])
+        self._start(base, all_ids, self._generation, grown)
         grown.base = fx.read_index_file(self.folder / self._manifest["base"]["file"], None, self.dim)
         with self._exclusive():
             self._view = grown
@@ -416,7 +436,11 @@ class FaissStore:
             faults.point("compact.base_written")
         journal = Journal(self.folder / f"journal-{generation}.log", self.dim, generation)
         journal.create()
-        offset = journal.append(list(_delta_segments(view, generation)), HEADER_BYTES)
+        segments = list(_delta_segments(view, generation))
+        if len(view.tombs):  # removed ids whose vectors an extended base still holds
+            no_vectors = np.zeros((0, self.dim), np.float32)
+            segments.append(Segment(generation, np.zeros(0, np.int64), no_vectors, view.base_ids[view.tombs]))
+        offset = journal.append(segments, HEADER_BYTES)
         manifest["journal"] = {"file": journal.path.name, "base_generation": generation}
         self._write_manifest(manifest)
         faults.point("compact.manifest_written")
