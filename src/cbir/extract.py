@@ -23,9 +23,10 @@ same few cores:
   the model's threads also want, and the model's parallel regions wait for the preempted
   thread. So the default there is no worker process (``workers=0``): each batch is decoded
   in this process by one thread per core (Pillow releases the GIL while it decodes and
-  resizes), then the model runs on every core, turn by turn. On gpr-mini this took the
-  fp32 ONNX engine from 74% to 83% of its model-only rate and the torch engine from 0.95x
-  to 1.05x the naive loop with a tuned allocator (docs/benchmarks/2026-12-03-speed.md). ``--workers N`` keeps
+  resizes), then the model runs on every core, turn by turn. On gpr-mini, in two runs,
+  this took the fp32 ONNX engine from 68-74% to 78-83% of its model-only rate and the
+  torch engine from 0.87-0.95x to 0.95-1.05x the naive loop with a tuned allocator
+  (docs/benchmarks/2026-12-03-speed.md). ``--workers N`` keeps
   decoding in N separate processes, which also isolates a decoder crash from the job.
 
 A file that fails to decode is recorded with its reason and the run goes on.
