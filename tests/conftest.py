@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -93,6 +95,38 @@ def onnx_cache(tmp_path_factory: pytest.TempPathFactory):
         os.environ.pop("CBIR_CACHE_DIR", None)
     else:
         os.environ["CBIR_CACHE_DIR"] = old
+
+
+@pytest.fixture(scope="module")
+def faiss_one_thread():
+    """One OpenMP thread for FAISS: its k-means spins for minutes on a loaded 2-core machine."""
+    import faiss
+
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(before)
+
+
+def modules_loaded_by_help(commands: list[list[str]], modules: tuple[str, ...]) -> list[str]:
+    """Which of ``modules`` a fresh interpreter has imported after ``cbir`` (its real entry
+    point) printed the help of each of ``commands`` (e.g. ``["index", "--help"]``)."""
+    probe = (
+        "import sys\n"
+        "from cbir.cli.main import main\n"
+        f"for args in {commands!r}:\n"
+        "    sys.argv = ['cbir', *args]\n"
+        "    try:\n"
+        "        main()\n"
+        "    except SystemExit as exc:\n"
+        "        assert not exc.code, (args, exc.code)\n"
+        f"print('LOADED:' + ','.join(m for m in {modules!r} if m in sys.modules))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "Usage:" in proc.stdout
+    loaded = proc.stdout.strip().splitlines()[-1].removeprefix("LOADED:")
+    return [m for m in loaded.split(",") if m]
 
 
 @pytest.fixture(scope="module")

@@ -20,13 +20,7 @@ from cbir.index.synthetic import DescriptorModel, write_collection
 runner = CliRunner()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_faiss_thread():
-    """One OpenMP thread: FAISS's k-means spins for minutes on a loaded 2-core machine."""
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("faiss_one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -125,9 +119,9 @@ def test_graph_plan_is_what_the_store_builds_and_bench_measures(
     x, queries = collection
     n, dim = x.shape
     monkeypatch.setattr(ann, "FLAT_MAX_SCAN_BYTES", 0)
-    budget = int(ann.estimate_memory(ann.graph_factory(dim), n, dim) / ann.BUDGET_SHARE * 1.05)
+    budget = int(ann.estimate_memory(ann.GRAPH_FACTORY, n, dim) / ann.BUDGET_SHARE * 1.05)
     plan = ann.plan_index(n, dim, budget)
-    assert plan.factory == ann.graph_factory(dim) and plan.ef_search == ann.DEFAULT_EF_SEARCH
+    assert plan.factory == ann.GRAPH_FACTORY and plan.ef_search == ann.DEFAULT_EF_SEARCH
     defaults = SearchParams(nprobe=plan.nprobe, ef_search=plan.ef_search, k_factor=plan.k_factor)
     store = FaissStore(tmp_path / "store", dim, plan.factory, defaults=defaults)
     store.load(0)

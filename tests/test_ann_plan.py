@@ -10,14 +10,7 @@ from cbir.errors import CbirError
 from cbir.index import ann, ann_bench
 from cbir.index.ann import GiB, MemoryBudgetError, estimate_memory, parse_factory, plan_index
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_faiss_thread():
-    """One OpenMP thread: FAISS's k-means spins for minutes on a loaded 2-core machine."""
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("faiss_one_thread")
 
 
 def spectrum_data(n: int, d: int, seed: int) -> np.ndarray:
@@ -48,7 +41,7 @@ def test_million_plan_is_the_graph_within_the_default_budget() -> None:
     at the plan's depth, whose estimate fits the budget, and FAISS builds it."""
     plan = plan_index(1_000_000, 1280)
     parts = parse_factory(plan.factory, 1280)
-    assert plan.factory == ann.graph_factory(1280) and parts.graph
+    assert plan.factory == ann.GRAPH_FACTORY and parts.graph
     assert plan.ef_search == ann.DEFAULT_EF_SEARCH and plan.nprobe is None and plan.k_factor is None
     assert "graph" in plan.reason
     assert estimate_memory(plan.factory, 1_000_000, 1280) <= ann.DEFAULT_MEMORY_BUDGET * ann.BUDGET_SHARE
@@ -73,13 +66,13 @@ def test_graph_only_while_it_builds_in_time_and_fits() -> None:
     n_max = ann.GRAPH_MAX_BUILD // 1280
     assert ann.graph_buildable(n_max, 1280) and not ann.graph_buildable(n_max + 1, 1280)
     budget = 3 * GiB  # the graph would fit; float refinement copies do not...
-    assert estimate_memory(ann.graph_factory(1280), n_max + 1, 1280) <= budget * ann.BUDGET_SHARE
+    assert estimate_memory(ann.GRAPH_FACTORY, n_max + 1, 1280) <= budget * ann.BUDGET_SHARE
     over = plan_index(n_max + 1, 1280, budget)
     assert not parse_factory(over.factory, 1280).graph and over.nprobe
     # ...and past what the default budget holds, the inverted file with an 8-bit copy
     crowded = plan_index(1_300_000, 1280)
     parts = parse_factory(crowded.factory, 1280)
-    assert estimate_memory(ann.graph_factory(1280), 1_300_000, 1280) > ann.DEFAULT_MEMORY_BUDGET * ann.BUDGET_SHARE
+    assert estimate_memory(ann.GRAPH_FACTORY, 1_300_000, 1280) > ann.DEFAULT_MEMORY_BUDGET * ann.BUDGET_SHARE
     assert parts.nlist and parts.refine_bytes == 1280 and crowded.k_factor
 
 

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from cbir.data.decode import DEFAULT_MAX_PIXELS, DecodeError, image_size, load_image, to_rgb
@@ -23,17 +22,7 @@ EXIF_ORIENTATION = 0x0112
 HUGE = 20_000
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Run this module's tiny models on one intra-op thread, restored afterwards.
-
-    The models here are small enough that threads buy nothing, and on a shared, busy CPU
-    OpenMP threads spin-waiting for each other cost ten times the work itself.
-    """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 # ---------------------------------------------------------------------------------------

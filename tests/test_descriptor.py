@@ -25,18 +25,7 @@ from cbir.models import (
 )
 from cbir.models.pooling import build_pooling, l2n
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Run this module's tiny models on one intra-op thread, restored afterwards.
-
-    The models here are small enough that threads buy nothing, and on a shared, busy CPU
-    OpenMP threads spin-waiting for each other cost ten times the work itself.
-    """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def tiny(pooling: str = "gem", **kwargs) -> Descriptor:

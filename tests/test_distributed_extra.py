@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import modules_loaded_by_help
 from typer.testing import CliRunner
 
 from cbir.cli.commands import app
@@ -23,17 +24,7 @@ def test_ray_address_is_checked(tmp_path: Path, image_dir, tiny_descriptor) -> N
 
 
 def test_cbir_help_imports_none_of_the_extra() -> None:
-    code = (
-        "import sys\n"
-        "from typer.testing import CliRunner\n"
-        "from cbir.cli.commands import app\n"
-        "for args in (['--help'], ['extract', '--help'], ['index', '--help']):\n"
-        "    assert CliRunner().invoke(app, args).exit_code == 0, args\n"
-        f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))\n"
-    )
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr
-    assert res.stdout.strip() == "[]"
+    assert modules_loaded_by_help([["--help"], ["extract", "--help"], ["index", "--help"]], HEAVY) == []
 
 
 @pytest.mark.parametrize("blocked", ["ray", "pymilvus"])

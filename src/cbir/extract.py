@@ -141,7 +141,6 @@ class _Task:
     boxes: list[Box | None]
     preprocess: Preprocess
     max_pixels: int | None
-    threads: int = 1  #: decode the files of this batch with this many threads
 
 
 #: (shape, indices, stacked uint8 array) groups and (index, reason) failures of one task.
@@ -170,15 +169,14 @@ def _decode_or_reason(
         return f"{type(exc).__name__}: {exc}"
 
 
-def _decode_task(task: _Task) -> _Decoded:
-    """Decode a planned batch (with ``task.threads`` threads); images of an unexpected size
-    form their own groups."""
+def _decode_task(task: _Task, threads: Executor | None = None) -> _Decoded:
+    """Decode a planned batch (its files spread over ``threads`` when given: in-process
+    decoding); images of an unexpected size form their own groups."""
     def one(path: str, box: Box | None) -> np.ndarray | str:
         return _decode_or_reason(path, box, task.preprocess, task.max_pixels)
 
-    if task.threads > 1 and len(task.paths) > 1:
-        with ThreadPoolExecutor(min(task.threads, len(task.paths))) as pool:
-            decoded = list(pool.map(one, task.paths, task.boxes))
+    if threads is not None and len(task.paths) > 1:
+        decoded = list(threads.map(one, task.paths, task.boxes))
     else:
         decoded = [one(p, b) for p, b in zip(task.paths, task.boxes, strict=True)]
     groups: dict[tuple[int, ...], tuple[list[int], list[np.ndarray]]] = {}
@@ -293,7 +291,8 @@ def decoded_batches(
     windows = list(_chunks(order, window))
     max_inflight = 2 * workers + 2
     pool = _make_pool(workers)
-    decode_threads = 1 if workers else max(1, usable_cores() if threads is None else threads)
+    n_threads = 1 if workers else max(1, usable_cores() if threads is None else threads)
+    decode_threads = ThreadPoolExecutor(n_threads, thread_name_prefix="cbir-decode") if n_threads > 1 else None
 
     def submit_headers(win: list[int]) -> list[Future]:
         return [pool.submit(_header_sizes, [paths[i] for i in part]) for part in _chunks(win, 128)]
@@ -305,9 +304,8 @@ def decoded_batches(
             boxes=[boxes[i] for i in indices] if boxes is not None else [None] * len(indices),
             preprocess=preprocess,
             max_pixels=max_pixels,
-            threads=decode_threads,
         )
-        return pool.submit(_decode_task, task)
+        return pool.submit(_decode_task, task, decode_threads)
 
     def finish(fut: Future) -> Iterator[tuple[list[int], np.ndarray | None, list[tuple[int, str]]]]:
         try:
@@ -339,6 +337,8 @@ def decoded_batches(
         for fut in pending:
             fut.cancel()
         pool.shutdown(wait=True, cancel_futures=True)
+        if decode_threads is not None:
+            decode_threads.shutdown(wait=True)
 
 
 # ----------------------------------------------------------------------------------------

@@ -83,6 +83,8 @@ DEFAULT_K_FACTOR = 128.0
 #: 128 0.960, 160 0.965, at 2.8, 3.1-3.7 and 4.2-4.9 ms per query on one thread.
 GRAPH_M = 32
 DEFAULT_EF_SEARCH = 128
+#: The graph candidate, whatever the dimension: HNSW over 8-bit scalar-quantised codes.
+GRAPH_FACTORY = f"HNSW{GRAPH_M}_SQ8"
 #: Largest ``n * dim`` the graph is proposed for: its build inserts vectors one by one
 #: (16 min for 1M x 1280 on two cores, growing a little faster than n), so beyond about
 #: 1.5M x 1280 it would not build in 30 min on two cores; the inverted file trains on a
@@ -170,14 +172,9 @@ def _ann_candidates(n: int, dim: int) -> list[str]:
     bases = _ann_bases(n, dim)
     out = [f"{b},{r}" for r, _ in _REFINEMENTS[:2] for b in bases]
     if graph_buildable(n, dim):
-        out.append(graph_factory(dim))
+        out.append(GRAPH_FACTORY)
     out += [f"{b},{r}" for r, _ in _REFINEMENTS[2:] for b in bases]
     return out + bases
-
-
-def graph_factory(dim: int) -> str:
-    """The graph candidate for ``dim``-d vectors: HNSW over 8-bit scalar-quantised codes."""
-    return f"HNSW{GRAPH_M}_SQ8"
 
 
 def graph_buildable(n: int, dim: int) -> bool:

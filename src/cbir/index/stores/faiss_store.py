@@ -188,10 +188,6 @@ class FaissStore:
         alive = np.delete(view.base_ids, view.tombs)
         return np.sort(np.concatenate([alive, view.delta_ids()]))
 
-    def pending(self) -> int:
-        """Changes since the base: delta vectors + tombstones (what compaction folds in)."""
-        return int(self._view.delta.ntotal) + len(self._view.tombs)
-
     def info(self) -> dict[str, Any]:
         view = self._view
         files = [self.folder / n for n in self._files()]
@@ -361,9 +357,9 @@ class FaissStore:
         self._staged.clear()
 
     def compact(self, source: VectorSource, *, force: bool = False, bulk: bool = False) -> bool:
-        base = len(self._view.base_ids)
-        untrained = self._view.base is None and self.min_vectors > 0 and source.count() >= self.min_vectors
         view = self._view
+        base = len(view.base_ids)
+        untrained = view.base is None and self.min_vectors > 0 and source.count() >= self.min_vectors
         due = self.policy.due(int(view.delta.ntotal), base, bulk=bulk, tombstones=len(view.tombs))
         if not (force or untrained or due):
             return False
