@@ -121,7 +121,7 @@ def test_graph_plan_is_what_the_store_builds_and_bench_measures(
     monkeypatch.setattr(ann, "FLAT_MAX_SCAN_BYTES", 0)
     budget = int(ann.estimate_memory(ann.GRAPH_FACTORY, n, dim) / ann.BUDGET_SHARE * 1.05)
     plan = ann.plan_index(n, dim, budget)
-    assert plan.factory == ann.GRAPH_FACTORY and plan.ef_search == ann.DEFAULT_EF_SEARCH
+    assert plan.factory == ann.GRAPH_FACTORY and plan.ef_search == ann.GRAPH_EF_SEARCH
     defaults = SearchParams(nprobe=plan.nprobe, ef_search=plan.ef_search, k_factor=plan.k_factor)
     store = FaissStore(tmp_path / "store", dim, plan.factory, defaults=defaults)
     store.load(0)
@@ -134,6 +134,6 @@ def test_graph_plan_is_what_the_store_builds_and_bench_measures(
     rows = ann_bench.bench_vectors(x, queries[:30], memory_budget=budget, threads=1)
     chosen = [r for r in rows if r.chosen]
     assert len(chosen) == 1 and chosen[0].index == plan.factory
-    assert chosen[0].params == {"ef_search": ann.DEFAULT_EF_SEARCH}
+    assert chosen[0].params == {"ef_search": ann.GRAPH_EF_SEARCH}
     depths = sorted(r.params["ef_search"] for r in rows if r.index == plan.factory)
-    assert depths[0] < ann.DEFAULT_EF_SEARCH < depths[-1]
+    assert depths[0] < ann.GRAPH_EF_SEARCH < depths[-1]

@@ -42,7 +42,7 @@ def test_million_plan_is_the_graph_within_the_default_budget() -> None:
     plan = plan_index(1_000_000, 1280)
     parts = parse_factory(plan.factory, 1280)
     assert plan.factory == ann.GRAPH_FACTORY and parts.graph
-    assert plan.ef_search == ann.DEFAULT_EF_SEARCH and plan.nprobe is None and plan.k_factor is None
+    assert plan.ef_search == ann.GRAPH_EF_SEARCH and plan.nprobe is None and plan.k_factor is None
     assert "graph" in plan.reason
     assert estimate_memory(plan.factory, 1_000_000, 1280) <= ann.DEFAULT_MEMORY_BUDGET * ann.BUDGET_SHARE
     assert isinstance(faiss.index_factory(1280, plan.factory, faiss.METRIC_INNER_PRODUCT), faiss.IndexHNSW)

@@ -82,7 +82,7 @@ DEFAULT_K_FACTOR = 128.0
 #: synthetic 1280-d descriptors (efConstruction 40), efSearch 96 gave recall@10 0.937,
 #: 128 0.960, 160 0.965, at 2.8, 3.1-3.7 and 4.2-4.9 ms per query on one thread.
 GRAPH_M = 32
-DEFAULT_EF_SEARCH = 128
+GRAPH_EF_SEARCH = 128
 #: The graph candidate, whatever the dimension: HNSW over 8-bit scalar-quantised codes.
 GRAPH_FACTORY = f"HNSW{GRAPH_M}_SQ8"
 #: Largest ``n * dim`` the graph is proposed for: its build inserts vectors one by one
@@ -146,8 +146,8 @@ def plan_index(n: int, dim: int, memory_budget: int | None = None) -> IndexPlan:
 def ann_plan(n: int, dim: int, memory_budget: int | None = None) -> IndexPlan:
     """The large-collection plan for ``n`` vectors, whatever their number: the candidate
     of :func:`_ann_candidates` with the most exact final ranking whose estimated memory
-    fits the budget. :func:`plan_index` uses it above the exact-search limit; benchmarks apply it
-    to small collections too, to measure it on real descriptors."""
+    fits the budget. :func:`plan_index` uses it above the exact-search limit; benchmarks
+    apply it to small collections too, to measure it on real descriptors."""
     budget = _check(n, dim, memory_budget)
     usable = budget * BUDGET_SHARE
     tried = []
@@ -170,10 +170,12 @@ def _ann_candidates(n: int, dim: int) -> list[str]:
     with an 8-bit then 4-bit refinement, the bases alone. Within one refinement a base
     with finer codes comes first: a refinement matters more to recall than finer codes."""
     bases = _ann_bases(n, dim)
-    out = [f"{b},{r}" for r, _ in _REFINEMENTS[:2] for b in bases]
+    floats = [r for r, per_dim in _REFINEMENTS if per_dim >= 2]  # more exact than 8-bit codes
+    coarse = [r for r, per_dim in _REFINEMENTS if per_dim < 2]
+    out = [f"{b},{r}" for r in floats for b in bases]
     if graph_buildable(n, dim):
         out.append(GRAPH_FACTORY)
-    out += [f"{b},{r}" for r, _ in _REFINEMENTS[2:] for b in bases]
+    out += [f"{b},{r}" for r in coarse for b in bases]
     return out + bases
 
 
@@ -222,7 +224,7 @@ def _ann_plan(factory: str, n: int, dim: int, need: int, budget: int) -> IndexPl
     flat_bytes = estimate_memory("Flat", n, dim)
     nprobe = default_nprobe(parts.nlist) if parts.nlist else None
     k_factor = DEFAULT_K_FACTOR if parts.refine_bytes else None
-    ef_search = DEFAULT_EF_SEARCH if parts.graph else None
+    ef_search = GRAPH_EF_SEARCH if parts.graph else None
     if parts.graph:
         refine = "a graph on 8-bit vectors: no float refinement fits"
     else:
