@@ -22,7 +22,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from cbir.index import ann, ann_bench
+from cbir.index import ann_bench
 from cbir.index.ann_bench import Candidate
 from cbir.index.synthetic import DescriptorModel, write_collection
 
@@ -68,8 +68,7 @@ def main() -> None:
     print(f"{args.factory} on {args.n:,}: built in {build_s:.0f}s, {memory / 2**20:,.0f} MiB", flush=True)
     for cand in (setting(args.factory, s) for s in args.settings):
         target = faiss.downcast_index(index.base_index) if cand.stage == "base" else index
-        params = ann.search_parameters(target, nprobe=cand.nprobe, ef_search=cand.ef_search,
-                                       k_factor=cand.k_factor)  # fmt: skip
+        params = cand.search_parameters(target)
         found, ms, _ = ann_bench.search_one_by_one(target, q, params)
         print(f"  {cand.params()}: recall@10 {ann_bench.recall_at_k(found, truth):.4f}, "
               f"median {ann_bench.percentile(ms, 50):.2f} ms", flush=True)  # fmt: skip

@@ -35,6 +35,8 @@ import faiss
 import numpy as np
 
 from cbir.index import ann
+from cbir.index.stores.base import SearchParams
+from cbir.index.stores.faiss_index import search_parameters
 from cbir.index.synthetic import (
     MODEL_FILE,
     DescriptorModel,
@@ -102,7 +104,7 @@ def ann_recall(x: np.ndarray, seed: int) -> dict[str, float]:
         index.add(db)
         nlist = ann.parse_factory(factory, x.shape[1]).nlist
         for k_factor in (1, 4, 16):
-            params = ann.search_parameters(index, nprobe=nlist, k_factor=k_factor)
+            params = search_parameters(index, SearchParams(nprobe=nlist, k_factor=k_factor), None)
             _, found = index.search(q, 10, params=params)
             hits = [len(set(a) & set(b)) / 10 for a, b in zip(found, truth, strict=True)]
             out[f"{factory} k_factor={k_factor}"] = float(np.mean(hits))

@@ -9,6 +9,8 @@ import pytest
 from cbir.errors import CbirError
 from cbir.index import ann, ann_bench
 from cbir.index.ann import GiB, MemoryBudgetError, estimate_memory, parse_factory, plan_index
+from cbir.index.stores.base import SearchParams
+from cbir.index.stores.faiss_index import search_parameters
 
 pytestmark = pytest.mark.usefixtures("faiss_one_thread")
 
@@ -139,14 +141,18 @@ def test_search_parameters_reach_the_inner_indexes() -> None:
     index.train(x)
     index.add_with_ids(x, np.arange(len(x), dtype=np.int64))
 
-    def recall(**kw: float) -> float:
-        _, got = index.search(q, 10, params=ann.search_parameters(index, **kw))
+    def recall(params: faiss.SearchParameters | None) -> float:
+        _, got = index.search(q, 10, params=params)
         return float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(got, truth, strict=True)]))
 
-    low, wide, refined = recall(nprobe=1, k_factor=1), recall(nprobe=32, k_factor=1), recall(nprobe=32, k_factor=40)
+    def recall_with(**kw: float) -> float:
+        return recall(search_parameters(index, SearchParams(**kw), None))
+
+    low, wide = recall_with(nprobe=1, k_factor=1), recall_with(nprobe=32, k_factor=1)
+    refined = recall_with(nprobe=32, k_factor=40)
     assert low < wide < refined
     assert refined > 0.9
-    assert ann.search_parameters(index) is None
+    assert recall_with() == recall(None)  # nothing given: the index's own settings
 
 
 def test_candidate_guard_never_proposes_an_untrainable_index() -> None:

@@ -42,8 +42,6 @@ import math
 import re
 from dataclasses import dataclass
 
-import faiss
-
 from cbir.errors import CbirError
 
 MiB = 1 << 20
@@ -359,34 +357,3 @@ def estimate_memory(factory: str, n: int, dim: int) -> int:
     parts = parse_factory(factory, dim)
     per_vector = parts.code_bytes + parts.per_vector_bytes + parts.refine_bytes + ID_BYTES
     return int(math.ceil(parts.fixed_bytes + n * per_vector))
-
-
-# -- search parameters -----------------------------------------------------------------------
-def search_parameters(
-    index: faiss.Index,
-    *,
-    nprobe: int | None = None,
-    ef_search: int | None = None,
-    k_factor: float | None = None,
-) -> faiss.SearchParameters | None:
-    """Per-call search parameters for any composition the planner makes (id map, PCA,
-    refinement around IVF or HNSW), nested the way FAISS reads them. Per call, so one
-    shared index serves threads with different settings."""
-    inner = index
-    while isinstance(inner, (faiss.IndexIDMap, faiss.IndexIDMap2, faiss.IndexPreTransform)):
-        inner = faiss.downcast_index(inner.index)
-    refine = inner if isinstance(inner, faiss.IndexRefine) else None
-    base = faiss.downcast_index(refine.base_index) if refine is not None else inner
-    while isinstance(base, faiss.IndexPreTransform):
-        base = faiss.downcast_index(base.index)
-    base_params: faiss.SearchParameters | None = None
-    if nprobe is not None and faiss.try_extract_index_ivf(base) is not None:
-        base_params = faiss.SearchParametersIVF(nprobe=int(nprobe))
-    elif ef_search is not None and isinstance(base, faiss.IndexHNSW):
-        base_params = faiss.SearchParametersHNSW(efSearch=int(ef_search))
-    if refine is None or k_factor is None:
-        return base_params
-    # keyword construction: FAISS's wrapper then keeps the nested object alive
-    if base_params is None:
-        return faiss.IndexRefineSearchParameters(k_factor=float(k_factor))
-    return faiss.IndexRefineSearchParameters(k_factor=float(k_factor), base_index_params=base_params)

@@ -33,7 +33,8 @@ from faiss.contrib.exhaustive_search import knn_ground_truth
 
 from cbir.errors import CbirError
 from cbir.index import ann
-from cbir.index.stores.faiss_index import make_index
+from cbir.index.stores.base import SearchParams
+from cbir.index.stores.faiss_index import make_index, search_parameters
 
 K = 10
 #: Rows read from the collection at a time while adding and computing exact neighbours.
@@ -62,6 +63,10 @@ class Candidate:
         if self.stage:
             out["stage"] = self.stage
         return out
+
+    def search_parameters(self, index: faiss.Index) -> faiss.SearchParameters | None:
+        """FAISS's per-call parameters for this row's settings, built as the store builds them."""
+        return search_parameters(index, SearchParams(self.nprobe, self.ef_search, self.k_factor), None)
 
 
 @dataclass
@@ -244,8 +249,7 @@ def run(
         for cand in (c for c in cands if c.factory == factory):
             nq = min(len(queries), flat_queries) if factory == "Flat" and flat_queries else len(queries)
             target = faiss.downcast_index(index.base_index) if cand.stage == "base" else index
-            params = ann.search_parameters(target, nprobe=cand.nprobe, ef_search=cand.ef_search,
-                                           k_factor=cand.k_factor)  # fmt: skip
+            params = cand.search_parameters(target)
             found, ms, cpu = search_one_by_one(target, queries[:nq], params)
             row = Result(
                 index=factory,

@@ -122,8 +122,8 @@ def search_parameters(
     """Per-call parameters for ``index`` (thread-safe: the shared index is not modified).
     The selector goes to the index that produces candidates; a refine step re-ranks them."""
     index = faiss.downcast_index(index)
-    if isinstance(index, faiss.IndexPreTransform):
-        return search_parameters(index.index, params, selector)
+    if isinstance(index, (faiss.IndexPreTransform, faiss.IndexIDMap, faiss.IndexIDMap2)):
+        return search_parameters(index.index, params, selector)  # they pass params through
     if isinstance(index, faiss.IndexRefine):
         base = search_parameters(index.base_index, params, selector)
         k_factor = float(params.k_factor if params.k_factor is not None else index.k_factor)
