@@ -3,6 +3,7 @@ needs a missing piece says which extra installs it (exit status, no traceback)."
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -58,3 +59,21 @@ def test_light_ray_stages_do_not_import_torch() -> None:
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
+
+
+def test_actor_folders_of_dead_processes_are_swept(tmp_path: Path) -> None:
+    """A killed describing actor runs no clean-up; the next actor on the node removes its
+    folder (~40 MB each), and only folders of processes that are gone."""
+    from cbir.distributed.extraction import ACTOR_FOLDER_PREFIX, sweep_actor_folders
+
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(done.stdout)  # exited: its folder is stale
+    dead = tmp_path / f"{ACTOR_FOLDER_PREFIX}{dead_pid}-abc"
+    live = tmp_path / f"{ACTOR_FOLDER_PREFIX}{os.getpid()}-def"
+    foreign = [tmp_path / f"{ACTOR_FOLDER_PREFIX}notapid", tmp_path / "other-123-x"]
+    for d in (dead, live, *foreign):
+        d.mkdir()
+        (d / "model.onnx").write_bytes(b"x" * 10)
+    assert sweep_actor_folders(tmp_path) == [str(dead)]
+    assert not dead.exists()
+    assert live.exists() and all(d.exists() for d in foreign)

@@ -27,6 +27,8 @@ from conftest import make_image
 pytest.importorskip("ray", reason="needs the distributed extra: pip install 'cbir[distributed]'")
 pq = pytest.importorskip("pyarrow.parquet")
 
+from cbir.distributed.extraction import ACTOR_FOLDER_PREFIX  # noqa: E402  (after the skip)
+
 N_IMAGES = 200
 BIN = Path(sys.executable).parent
 
@@ -78,8 +80,10 @@ class Cluster:
         # token authentication, as on a real cluster, with a token of its own (not ~/.ray)
         token = Path(self.temp) / "auth_token"
         token.write_text(os.urandom(32).hex())
+        self.tmp = Path(self.temp) / "tmp"  # the nodes' TMPDIR: where the actors' folders go
+        self.tmp.mkdir()
         self.env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token),
-                    "RAY_USAGE_STATS_ENABLED": "0"}  # fmt: skip
+                    "RAY_USAGE_STATS_ENABLED": "0", "TMPDIR": str(self.tmp)}  # fmt: skip
 
     def _start(self, *args: str) -> None:
         cmd = [str(BIN / "ray"), "start", "--block", "--num-cpus=1", "--disable-usage-stats", *args]
@@ -255,6 +259,12 @@ def test_worker_killed_mid_run_loses_and_duplicates_nothing(cluster, images, des
     assert proc.returncode == 0, stderr
     assert victims[0] not in cluster.pids()
     _check_complete(out, reference, str(images / "d0" / "broken.jpg"))
+    # no actor folder is left: the others were removed as their actors exited, the killed
+    # actor's by the driver at the end of the job (all nodes share this machine's TMPDIR)
+    deadline = time.monotonic() + 60
+    while (left := sorted(p.name for p in cluster.tmp.glob(f"{ACTOR_FOLDER_PREFIX}*"))) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not left, f"actor folders left behind: {left} (killed actor: {victims[0]}, alive: {cluster.pids()})"
 
 
 def test_rerun_after_interrupted_run_writes_only_missing_rows(cluster, images, descriptor_file, reference, tmp_path):

@@ -358,11 +358,13 @@ def iter_extract(
     boxes: Sequence[Box | None] | None = None,
     progress: bool = True,
     desc: str = "describing",
+    threads: int | None = None,
 ) -> Iterator[Batch]:
     """Yield :class:`Batch` objects as they are computed (order: planned batches).
 
     ``engine`` (torch, onnx, onnx-int8) and ``device`` (auto, cpu, cuda) choose the
-    runner unless ``runner`` is given; ``calibrate``: the onnx-int8 calibration folder."""
+    runner unless ``runner`` is given; ``calibrate``: the onnx-int8 calibration folder;
+    ``threads``: decoding threads with ``workers=0`` (default: one per usable core)."""
     paths = [os.fspath(p) for p in paths]
     if not paths:
         return
@@ -372,7 +374,7 @@ def iter_extract(
     bar = _progress(len(paths), desc, progress)
     stream = decoded_batches(
         paths, descriptor.preprocess, batch_size=batch_size, workers=workers,
-        max_pixels=max_pixels, boxes=boxes,
+        max_pixels=max_pixels, boxes=boxes, threads=threads,
     )
     try:
         for indices, arrays, failures in stream:

@@ -18,6 +18,7 @@ from cbir.cli.options import (
     descriptor_options,
     extraction_options,
 )
+from cbir.defaults import BLOCK_ROWS
 
 #: ``--json`` of the benchmarks: the scores as JSON on stdout (a file: ``--out``).
 BenchJsonOpt = Annotated[bool, typer.Option("--json", help="Print the scores as JSON on stdout instead of a table.")]
@@ -52,7 +53,7 @@ def extract_cmd(
     ] = 1.0,
     block_rows: Annotated[
         int, typer.Option("--block-rows", help="With --ray: images per block (per actor call and Parquet shard).")
-    ] = 256,
+    ] = BLOCK_ROWS,
     exclude: ExcludeOpt = None,
     include_hidden: IncludeHiddenOpt = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")] = False,
