@@ -147,7 +147,8 @@ def _actor_folder() -> str:
 
     A graceful exit removes it; an actor that is killed (SIGKILL, a lost node, a driver that
     dies) runs no clean-up, so each new actor, and the driver at the end of a job, first
-    remove the folders of actors whose process is gone. Without that, every killed actor left ~40 MB (descriptor and ONNX model) in the node's temp folder.
+    remove the folders of actors whose process is gone. Without that, every killed actor
+    left ~40 MB (descriptor and ONNX model) in the node's temp folder.
     """
     sweep_actor_folders(tempfile.gettempdir())
     return tempfile.mkdtemp(prefix=f"{ACTOR_FOLDER_PREFIX}{os.getpid()}-")
