@@ -78,10 +78,15 @@ def dataset_or_skip(name: str) -> Path:
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 # ONNX exports made by tests go to a throw-away cache, not the user's ~/.cache.
+# Removed when the run ends: one left behind per run had filled /tmp with 3 GB.
 if "CBIR_CACHE_DIR" not in os.environ:
+    import atexit
+    import shutil
     import tempfile
 
-    os.environ["CBIR_CACHE_DIR"] = tempfile.mkdtemp(prefix="cbir-test-cache-")
+    _TEST_CACHE = tempfile.mkdtemp(prefix="cbir-test-cache-")
+    os.environ["CBIR_CACHE_DIR"] = _TEST_CACHE
+    atexit.register(shutil.rmtree, _TEST_CACHE, True)
 
 
 @pytest.fixture(scope="module")
