@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -102,15 +103,22 @@ def onnx_cache(tmp_path_factory: pytest.TempPathFactory):
         os.environ["CBIR_CACHE_DIR"] = old
 
 
+def _one_thread(get: Callable[[], int], set_: Callable[[int], None]) -> Iterator[None]:
+    """Run the fixture's tests with one thread of a library, then restore its count."""
+    before = get()
+    set_(1)
+    try:
+        yield
+    finally:
+        set_(before)
+
+
 @pytest.fixture(scope="module")
 def faiss_one_thread():
     """One OpenMP thread for FAISS: its k-means spins for minutes on a loaded 2-core machine."""
     import faiss
 
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
+    yield from _one_thread(faiss.omp_get_max_threads, faiss.omp_set_num_threads)
 
 
 def modules_loaded_by_help(commands: list[list[str]], modules: tuple[str, ...]) -> list[str]:
@@ -139,10 +147,7 @@ def torch_one_thread():
     """Tiny training models are too small for intra-op threads to pay off on a busy machine."""
     import torch
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    yield from _one_thread(torch.get_num_threads, torch.set_num_threads)
 
 
 @pytest.fixture(scope="module")
