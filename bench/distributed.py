@@ -10,8 +10,10 @@
    reported apart. Beyond train-pool's 2,853 images, ``--images`` adds hard links to its
    files (more paths, the same bytes).
 2. ``import``: ``cbir index --from`` of ``--vectors`` synthetic vectors from Parquet into a
-   FAISS (Flat) index and into Milvus Lite (FLAT), each in a fresh process: wall time and
-   peak resident memory. The catalogue (SQLite, which keeps every raw vector) is written in
+   FAISS (Flat) index and into Milvus Lite (FLAT), each in a fresh process: wall time, the
+   importer's own peak resident memory and that of its process tree (Milvus Lite's server
+   is a child process; needs psutil, ``pip install .[bench]``); a child that dies (out of
+   memory) is reported as such. The catalogue (SQLite, which keeps every raw vector) is written in
    both, as a real import does.
 3. ``search``: Milvus Lite HNSW (M=16, efConstruction=200) at ``--search-n`` vectors: build
    time, single-query latency (median, p99; one client thread) and recall@10 against exact
@@ -25,7 +27,8 @@ queries are held-out draws of the same model, not copies of collection vectors.
 Usage (from the project root; timed parts under the shared lock; large files under /tmp,
 deleted at the end):
     flock /work/coord/bench.lock .venv/bin/python bench/distributed.py \\
-        [--images 480] [--repeats 3] [--vectors 1000000] [--search-n 100000] [--parts extract,import,search]
+        [--images 480] [--repeats 3] [--vectors 1000000] [--search-n 100000] [--parts extract,import,search] \\
+        [--import-stores faiss,milvus]
 Writes bench/results/distributed-PARTS.json and .md (one file per set of parts, so parts
 run one after another do not overwrite each other).
 """
@@ -173,7 +176,7 @@ def write_parquet(out: Path, n: int, dim: int, shard_rows: int = 50_000) -> None
 
 
 def _import_child(source: str, db: str, store: str) -> None:
-    """Run in a fresh process: import, print seconds and peak RSS as JSON."""
+    """Run in a fresh process: import, print seconds and its own peak RSS as JSON."""
     from cbir.distributed.importer import import_vectors
 
     t = time.perf_counter()
@@ -183,22 +186,80 @@ def _import_child(source: str, db: str, store: str) -> None:
     print(json.dumps({"seconds": round(seconds, 1), "peak_rss_mb": round(peak), "added": report.added}))
 
 
-def bench_import(n: int, work: Path) -> dict:
+def _tree_rss(proc: psutil.Process) -> int:  # noqa: F821 (imported where used)
+    """Resident bytes of ``proc`` and its descendants (Milvus Lite's server is a child
+    process; pages shared between them are counted once per process)."""
+    import psutil
+
+    total = 0
+    for p in [proc, *proc.children(recursive=True)]:
+        try:
+            total += p.memory_info().rss
+        except psutil.Error:  # exited between the listing and the read
+            pass
+    return total
+
+
+def _run_import(src: Path, db: Path, store: str) -> dict:
+    """One import in a child process, its process tree's memory sampled twice a second.
+    A child that dies (the kernel's OOM killer at 1M, say) gives a row that says so."""
+    import psutil
+
+    code = f"import sys; sys.path.insert(0, {str(ROOT / 'bench')!r}); import distributed as d; " \
+           f"d._import_child({str(src)!r}, {str(db)!r}, {store!r})"  # fmt: skip
+    t = time.perf_counter()
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        child = subprocess.Popen([sys.executable, "-c", code], stdout=out, stderr=err, text=True)
+        ps, peak_tree = psutil.Process(child.pid), 0
+        while child.poll() is None:
+            try:
+                peak_tree = max(peak_tree, _tree_rss(ps))
+            except psutil.Error:
+                pass
+            time.sleep(0.5)
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    row = {"peak_tree_rss_mb": round(peak_tree / 2**20)}
+    if child.returncode != 0:
+        why = "killed by SIGKILL (the OOM killer?)" if child.returncode == -9 else f"exit {child.returncode}"
+        tail = stderr.strip().splitlines()[-3:]
+        return {**row, "failed": why, "after_s": round(time.perf_counter() - t, 1), "stderr": tail}
+    return {**json.loads(stdout.strip().splitlines()[-1]), **row}
+
+
+#: the FAISS index is the one ``auto`` plans for the size (built during the import, as a
+#: user's import builds it); Milvus Lite gets FLAT
+IMPORT_STORES = {"faiss": ("faiss (auto)", ""), "milvus": ("milvus lite", "milvus#index=FLAT")}
+
+
+def _index_built(db: Path) -> str:
+    """The index an import left in ``db``: the FAISS plan's factory, or the Milvus store."""
+    from cbir.index.catalog import Catalog
+
+    meta = Catalog.peek_meta(db / "catalog.sqlite", ["plan", "store"])
+    if meta.get("store", "").startswith("milvus"):
+        return meta["store"]
+    return json.loads(meta["plan"])["factory"] if meta.get("plan") else "?"
+
+
+def bench_import(n: int, work: Path, stores: list[str]) -> dict:
     dim = 1280
     src = work / "embeddings"
     t = time.perf_counter()
     write_parquet(src, n, dim)
     gen = time.perf_counter() - t
     rows = []
-    for name, store in (("faiss (Flat)", ""), ("milvus lite (FLAT)", "milvus#index=FLAT")):
-        db = work / f"db-{len(rows)}"  # the Milvus Lite file goes inside it (milvus.db)
-        code = f"import sys; sys.path.insert(0, {str(ROOT / 'bench')!r}); import distributed as d; " \
-               f"d._import_child({str(src)!r}, {str(db)!r}, {store!r})"  # fmt: skip
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-        res = json.loads(out.stdout.strip().splitlines()[-1])
+    for key in stores:
+        name, store = IMPORT_STORES[key]
+        db = work / f"db-{key}"  # the Milvus Lite file goes inside it (milvus.db)
+        res = _run_import(src, db, store)
         size = sum(p.stat().st_size for p in db.rglob("*") if p.is_file())
-        rows.append({"store": name, "vectors": n, **res, "rows_per_s": round(n / res["seconds"]),
-                     "index_folder_gb": round(size / 1e9, 2)})  # fmt: skip
+        row = {"store": name, "vectors": n, "index": _index_built(db), **res, "index_folder_gb": round(size / 1e9, 2)}
+        if "seconds" in res:
+            row["rows_per_s"] = round(n / res["seconds"])
+        print(json.dumps(row), flush=True)
+        rows.append(row)
         shutil.rmtree(db, ignore_errors=True)
     parquet_gb = sum(p.stat().st_size for p in src.rglob("*") if p.is_file()) / 1e9
     return {"rows": rows, "dim": dim, "parquet_gb": round(parquet_gb, 2), "parquet_write_s": round(gen, 1),
@@ -249,8 +310,9 @@ def markdown(results: dict) -> str:
     out = [f"# Scaling out: measured {results['date']} on {results['machine']}", ""]
     for part, res in results["parts"].items():
         rows = res["rows"]
-        out += [f"## {part}", "", "| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
-        out += ["| " + " | ".join(str(v) for v in r.values()) + " |" for r in rows]
+        cols = list(dict.fromkeys(k for r in rows for k in r))  # a failed row has other keys
+        out += [f"## {part}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        out += ["| " + " | ".join(str(r.get(c, "")) for c in cols) + " |" for r in rows]
         notes = {k: v for k, v in res.items() if k != "rows"}
         out += ["", ", ".join(f"{k}: {v}" for k, v in notes.items()), ""]
     return "\n".join(out)
@@ -263,6 +325,7 @@ def main() -> None:
     ap.add_argument("--vectors", type=int, default=1_000_000)
     ap.add_argument("--search-n", type=int, default=100_000)
     ap.add_argument("--parts", default="extract,import,search")
+    ap.add_argument("--import-stores", default="faiss,milvus", help="stores the import part fills, in order")
     ap.add_argument("--out", type=Path, help="default: bench/results/distributed-PARTS.json")
     args = ap.parse_args()
     args.out = args.out or RESULTS / f"distributed-{args.parts.replace(',', '-')}.json"
@@ -274,7 +337,7 @@ def main() -> None:
         if "extract" in parts:
             results["parts"]["extraction throughput"] = bench_extract(args.images, args.repeats, work)
         if "import" in parts:
-            results["parts"]["import from Parquet"] = bench_import(args.vectors, work)
+            results["parts"]["import from Parquet"] = bench_import(args.vectors, work, args.import_stores.split(","))
         if "search" in parts:
             results["parts"]["Milvus Lite search"] = bench_search(args.search_n, work)
     finally:
