@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from cbir.extract import extract
 from cbir.models import build_descriptor, fit_pca_whitening
-from cbir.runtime import DEFAULT_ENGINE, EngineUnavailable, make_runner, torch_runner
+from cbir.runtime import DEFAULT_ENGINE, EngineUnavailable, Runner, make_runner, torch_runner
 from cbir.runtime.onnx_runner import cached_model, onnx_available, onnx_runner
 
 pytestmark = pytest.mark.skipif(not onnx_available(), reason="onnxruntime not installed")
@@ -243,3 +243,33 @@ def test_efficientnet_lite0_default_graph_has_no_size_arithmetic(onnx_cache: Pat
     assert not {"Pad", "Shape", "Mod"} & set(ops), ops
     x = _images([(3, 224, 224)], seed=5)[0]
     assert _min_cos(onnx_runner(desc, verbose=False)(x), torch_runner(desc)(x)) >= 0.9999
+
+
+def test_extraction_runs_onnx_in_lanes_on_two_cores(
+    onnx_cache: Path, image_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Bulk extraction asks for lanes="auto"; on two cores that is two one-thread calls on
+    one shared session, giving the vectors of one call on both cores."""
+    import importlib
+
+    from cbir.data.datasets import list_images
+    from cbir.runtime import device as device_module
+
+    extract_module = importlib.import_module("cbir.extract")  # the package's `extract` is the function
+    monkeypatch.setattr(device_module, "usable_cores", lambda: 2)
+    made: list[Runner] = []
+
+    def recording(*args, **kwargs) -> Runner:
+        made.append(make_runner(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(extract_module, "make_runner", recording)
+    desc = _tiny("gem")
+    files = list_images(image_dir)
+    laned = extract(desc, files, engine="onnx", workers=0, batch_size=3, progress=False)
+    assert [(r.engine, r.lanes) for r in made] == [("onnx", 2)]
+    one = make_runner(desc, "onnx", lanes=1, verbose=False)
+    assert (one.engine, one.lanes) == ("onnx", 1)
+    single = extract(desc, files, runner=one, workers=0, batch_size=3, progress=False)
+    assert laned.paths == single.paths
+    assert _min_cos(laned.features, single.features) >= 0.99999

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import importlib
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +15,7 @@ from conftest import make_image
 from cbir.data.transforms import Preprocess
 from cbir.eval.ranking import block_positive_ranks, positive_ranks
 from cbir.extract import decoded_batches, extract, iter_extract
-from cbir.runtime import torch_runner
+from cbir.runtime import Runner, torch_runner
 
 
 @pytest.fixture
@@ -151,3 +153,77 @@ def test_block_ranks_equal_row_by_row_ranks(max_candidates: int) -> None:
     got = block_positive_ranks(scores, positives, max_candidates=max_candidates)
     for r in range(13):
         np.testing.assert_array_equal(got[r], positive_ranks(scores[r], positives[r]))
+
+
+# ----------------------------------------------------------------------------------------
+# lanes: several model calls at once, each on its own thread
+# ----------------------------------------------------------------------------------------
+def _laned_runner(lanes: int, calls: list[str]) -> Runner:
+    """A fake engine whose first ``lanes`` calls must overlap (a barrier they all wait at:
+    calls made one after another break it and fail the test) and which records the
+    thread of every call. Its vector is the batch's mean pixel per channel."""
+    barrier = threading.Barrier(lanes, timeout=20)
+
+    def fn(batch: np.ndarray) -> np.ndarray:
+        calls.append(threading.current_thread().name)
+        if len(calls) <= lanes:
+            barrier.wait()
+        return batch.reshape(len(batch), -1, 3).mean(axis=1).astype(np.float32)
+
+    return Runner(fn, engine="onnx", lanes=lanes)
+
+
+def test_lanes_run_batches_at_once_and_keep_the_planned_order(mixed_dir: list[Path], tiny_descriptor) -> None:
+    desc = copy.copy(tiny_descriptor)
+    desc.preprocess = Preprocess(size=32)
+    calls: list[str] = []
+    batches = list(iter_extract(desc, mixed_dir, runner=_laned_runner(2, calls), batch_size=2, workers=0,
+                                progress=False))  # fmt: skip
+    assert all(name.startswith("cbir-lane") for name in calls) and len(calls) == 5  # 10 images, batches of 2
+    # in the planned order, whatever call finished first; failures kept
+    assert [i for b in batches for i in b.indices] == list(range(10))
+    assert sorted(f.path for b in batches for _, f in b.failures) == sorted(map(str, mixed_dir[10:]))
+    one = list(iter_extract(desc, mixed_dir, runner=_laned_runner(1, []), batch_size=2, workers=0, progress=False))
+    np.testing.assert_array_equal(np.concatenate([b.vectors for b in batches if b.indices]),
+                                  np.concatenate([b.vectors for b in one if b.indices]))  # fmt: skip
+
+
+def test_a_failing_lane_is_raised_and_stops_the_rest(mixed_dir: list[Path], tiny_descriptor) -> None:
+    desc = copy.copy(tiny_descriptor)
+    desc.preprocess = Preprocess(size=32)
+
+    def fn(batch: np.ndarray) -> np.ndarray:
+        raise RuntimeError("engine fault")
+
+    with pytest.raises(RuntimeError, match="engine fault"):
+        list(iter_extract(desc, mixed_dir, runner=Runner(fn, engine="onnx", lanes=2), batch_size=2, workers=0,
+                          progress=False))  # fmt: skip
+    assert not [t for t in threading.enumerate() if t.name.startswith("cbir-lane")]
+
+
+@pytest.mark.parametrize(
+    ("cores", "lanes", "threads", "device", "expected"),
+    [
+        (2, "auto", None, "cpu", (2, 1)),  # a small machine: one one-thread call per core
+        (1, "auto", None, "cpu", (1, 1)),
+        (8, "auto", None, "cpu", (1, 8)),  # not measured beyond two cores: one call on all
+        (2, "auto", 2, "cpu", (1, 2)),  # threads asked for: one call with them
+        (2, None, None, "cpu", (2, 1)),
+        (8, 4, None, "cpu", (4, 2)),
+        (2, 4, None, "cpu", (4, 1)),
+        (2, "auto", None, "cuda", (1, 2)),  # a GPU runs one call at a time
+    ],
+)
+def test_plan_lanes(monkeypatch: pytest.MonkeyPatch, cores: int, lanes, threads, device: str, expected) -> None:
+    from cbir.runtime import device as device_module
+
+    monkeypatch.setattr(device_module, "usable_cores", lambda: cores)
+    assert device_module.plan_lanes(lanes, threads, device) == expected
+
+
+@pytest.mark.parametrize("lanes", [0, -1, "two", 1.5])
+def test_plan_lanes_refuses_nonsense(lanes) -> None:
+    from cbir.runtime.device import plan_lanes
+
+    with pytest.raises(ValueError, match="lanes"):
+        plan_lanes(lanes, None, "cpu")

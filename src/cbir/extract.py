@@ -19,15 +19,15 @@ same few cores:
   versions ran a DataLoader with one worker per core, a deep prefetch queue and torch's
   own intra-op threads: on 2 cores that oversubscription showed up as minutes of
   system time.
-- **Two cores or fewer: decode, then infer.** There a decode process can only run on a core
-  the model's threads also want, and the model's parallel regions wait for the preempted
-  thread. So the default there is no worker process (``workers=0``): each batch is decoded
-  in this process by one thread per core (Pillow releases the GIL while it decodes and
-  resizes), then the model runs on every core, turn by turn. On gpr-mini, in two runs,
-  this took the fp32 ONNX engine from 68-74% to 78-83% of its model-only rate and the
-  torch engine from 0.87-0.95x to 0.95-1.05x the naive loop with a tuned allocator
-  (docs/benchmarks/2026-12-03-speed.md). ``--workers N`` keeps
-  decoding in N separate processes, which also isolates a decoder crash from the job.
+- **Two cores or fewer: lanes.** There a decode process can only run on a core the model's
+  threads also want, and a parallel region waits for the preempted thread. So the default
+  there is no worker process (``workers=0``) and an ONNX runner with two lanes: two
+  one-thread model calls run at once on their own batches (:func:`_described`) while this
+  process decodes the next batch on one thread (Pillow releases the GIL while it decodes
+  and resizes). On 1,280 gpr-mini images this took the fp32 ONNX engine from 72% to 89%
+  of its best model-only rate and int8 from 72% to 82%
+  (docs/benchmarks/2026-12-03-speed.md). ``--workers N`` keeps decoding in N separate
+  processes, which also isolates a decoder crash from the job.
 
 A file that fails to decode is recorded with its reason and the run goes on.
 :func:`iter_extract` yields batches as they finish (the index commits each one, so an
@@ -55,6 +55,7 @@ from cbir.data.transforms import Preprocess
 from cbir.fileio import atomic_numpy_save, atomic_write_text
 from cbir.models.descriptor import Descriptor
 from cbir.runtime import DEFAULT_ENGINE, Runner, for_engine, make_runner, usable_cores
+from cbir.runtime.device import AUTO_LANES_MAX_CORES
 
 Box = tuple[float, float, float, float]
 
@@ -117,16 +118,16 @@ def crop_box(img, box: Box):
     return img.crop((x1, y1, max(x1 + 1, x2), max(y1 + 1, y2)))
 
 
-#: At most this many usable cores: decode in this process between model calls (module
-#: docstring, "Two cores or fewer").
-PHASED_MAX_CORES = 2
+#: At most this many usable cores: decode in this process while the model runs in lanes
+#: (module docstring, "Two cores or fewer").
+IN_PROCESS_MAX_CORES = AUTO_LANES_MAX_CORES
 
 
 def default_workers() -> int:
     """Decode processes: one per core minus the one the model mostly occupies, 1 to 8; none
-    on :data:`PHASED_MAX_CORES` cores or fewer (decoded in-process, between model calls)."""
+    on :data:`IN_PROCESS_MAX_CORES` cores or fewer (decoded in-process beside the lanes)."""
     cores = usable_cores()
-    return 0 if cores <= PHASED_MAX_CORES else min(8, cores - 1)
+    return 0 if cores <= IN_PROCESS_MAX_CORES else min(8, cores - 1)
 
 
 # ----------------------------------------------------------------------------------------
@@ -363,24 +364,26 @@ def iter_extract(
     """Yield :class:`Batch` objects as they are computed (order: planned batches).
 
     ``engine`` (torch, onnx, onnx-int8) and ``device`` (auto, cpu, cuda) choose the
-    runner unless ``runner`` is given; ``calibrate``: the onnx-int8 calibration folder;
-    ``threads``: decoding threads with ``workers=0`` (default: one per usable core)."""
+    runner unless ``runner`` is given (an ONNX runner made here has ``lanes="auto"``:
+    on two cores, two one-thread model calls side by side); ``calibrate``: the onnx-int8
+    calibration folder; ``threads``: decoding threads with ``workers=0`` (default: one
+    per usable core, or one when the runner has several lanes, which decode overlaps)."""
     paths = [os.fspath(p) for p in paths]
     if not paths:
         return
     if runner is None:
         descriptor = for_engine(descriptor, engine, calibrate)
-    run = runner or make_runner(descriptor, engine, device=device, calibrate=calibrate)
+    run = runner or make_runner(descriptor, engine, device=device, calibrate=calibrate, lanes="auto")
+    lanes = getattr(run, "lanes", 1)  # a plain callable has one
     bar = _progress(len(paths), desc, progress)
     stream = decoded_batches(
         paths, descriptor.preprocess, batch_size=batch_size, workers=workers,
-        max_pixels=max_pixels, boxes=boxes, threads=threads,
-    )
+        max_pixels=max_pixels, boxes=boxes, threads=threads if threads or lanes == 1 else 1,
+    )  # fmt: skip
+    described = _described(stream, run, lanes)
     try:
-        for indices, arrays, failures in stream:
-            if arrays is not None:
-                vectors = np.asarray(run(arrays), dtype=np.float32)
-            else:
+        for indices, vectors, failures in described:
+            if vectors is None:
                 vectors = np.zeros((0, descriptor.dim), np.float32)
             fails = [(i, Failure(paths[i], r)) for i, r in failures]
             bar.update(len(indices) + len(fails))
@@ -389,8 +392,47 @@ def iter_extract(
                     bar.write(f"skipped {f.path}: {f.reason}")
             yield Batch(indices=indices, vectors=vectors, failures=fails)
     finally:
+        described.close()
         stream.close()
         bar.close()
+
+
+_Described = tuple[list[int], np.ndarray | None, list[tuple[int, str]]]
+
+
+def _described(
+    stream: Iterator[tuple[list[int], np.ndarray | None, list[tuple[int, str]]]], run: Any, lanes: int
+) -> Iterator[_Described]:
+    """(indices, float32 vectors or None, failures) of each decoded batch, in order.
+
+    With ``lanes`` > 1 up to that many batches are in the model at once, each call on its
+    own thread (and its share of the cores), while this thread decodes the next batch:
+    on a small machine every core stays busy and no parallel region waits for a thread
+    the decoder preempted. At most ``lanes`` batches are described ahead of the consumer.
+    """
+    if lanes <= 1:
+        for indices, arrays, failures in stream:
+            yield indices, None if arrays is None else np.asarray(run(arrays), dtype=np.float32), failures
+        return
+    pool = ThreadPoolExecutor(lanes, thread_name_prefix="cbir-lane")
+    pending: deque[tuple[list[int], Future | None, list[tuple[int, str]]]] = deque()
+
+    def done(item: tuple[list[int], Future | None, list[tuple[int, str]]]) -> _Described:
+        indices, fut, failures = item
+        return indices, None if fut is None else np.asarray(fut.result(), dtype=np.float32), failures
+
+    try:
+        for indices, arrays, failures in stream:
+            while len(pending) >= lanes:
+                yield done(pending.popleft())
+            pending.append((indices, None if arrays is None else pool.submit(run, arrays), failures))
+        while pending:
+            yield done(pending.popleft())
+    finally:
+        for _, fut, _ in pending:
+            if fut is not None:
+                fut.cancel()
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _progress(total: int, desc: str, enabled: bool):

@@ -66,7 +66,7 @@ BatchOpt = Annotated[int, typer.Option("--batch-size", "-b", help="Images per mo
 WorkersOpt = Annotated[
     int | None,
     typer.Option("--workers", "-j", help="Decode worker processes (default: one fewer than the cores, 1 to 8; "
-                "on 2 cores or fewer 0: decoded in this process, one thread per core, between model calls)."),
+                "on 2 cores or fewer 0: decoded in this process while two one-thread model calls run)."),
 ]
 MaxPixelsOpt = Annotated[int, typer.Option("--max-pixels", help="Skip images with more pixels than this.")]
 QuietOpt = Annotated[

@@ -81,8 +81,10 @@ def engine_for(descriptor: Descriptor, engine: str | None) -> str:
 def make_runner(descriptor: Descriptor, engine: str = DEFAULT_ENGINE, **options: Any) -> Runner:
     """The runner of ``engine`` for ``descriptor``.
 
-    ``options``: ``device`` (auto|cpu|cuda) for every engine; ``threads``, ``cache_dir``,
-    ``verbose`` for the ONNX engines; ``calibrate`` (a folder of images) for ``onnx-int8``.
+    ``options``: ``device`` (auto|cpu|cuda) for every engine; ``threads``, ``lanes``
+    (concurrent calls that split the cores: 1 by default, ``auto`` for bulk extraction),
+    ``cache_dir``, ``verbose`` for the ONNX engines; ``calibrate`` (a folder of images)
+    for ``onnx-int8``. The torch engine always has one lane.
 
     When the fp32 ONNX engine cannot serve a descriptor (ONNX Runtime missing, an export
     that fails or disagrees with torch), the run goes on with torch and says so on
@@ -94,7 +96,7 @@ def make_runner(descriptor: Descriptor, engine: str = DEFAULT_ENGINE, **options:
     device = options.pop("device", "auto")
     calibrate = options.pop("calibrate", None)
     engine_for(descriptor, engine)  # never int8 vectors from a float engine, or the reverse
-    if engine == "torch":
+    if engine == "torch":  # torch's thread pool is per process: one call at a time
         return torch_runner(descriptor, device=device)
     if engine == "onnx":
         from cbir.runtime.onnx_runner import onnx_runner  # imported lazily: optional path

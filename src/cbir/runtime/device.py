@@ -32,6 +32,35 @@ def usable_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+#: ``lanes="auto"`` runs one single-threaded model call per core on machines with at most
+#: this many cores: there a model on every core stalls whenever the decoder preempts one
+#: of its threads (docs/benchmarks/2026-12-03-speed.md); more cores were not measured.
+AUTO_LANES_MAX_CORES = 2
+
+
+def plan_lanes(lanes: int | str | None, threads: int | None, device: str) -> tuple[int, int]:
+    """(lanes, threads per lane) for a CPU runner: ``lanes`` model calls may run at once,
+    each on its own ``threads`` intra-op threads.
+
+    One call on every core is the fastest layout for a single batch; on a small machine
+    several one-thread calls side by side keep every core busy while another batch
+    decodes, instead of a parallel region waiting for the preempted thread. ``auto``
+    (or None) gives one lane per core up to :data:`AUTO_LANES_MAX_CORES` cores unless
+    ``threads`` was given; a GPU always has one lane.
+    """
+    total = threads or usable_cores()
+    if device == "cuda":
+        return 1, total
+    if lanes is None or lanes == "auto":
+        cores = usable_cores()
+        lanes = cores if threads is None and cores <= AUTO_LANES_MAX_CORES else 1
+    whole = (isinstance(lanes, int) and not isinstance(lanes, bool)) or (isinstance(lanes, str) and lanes.isdigit())
+    n = int(lanes) if whole else 0
+    if n < 1:
+        raise ValueError(f"lanes must be 'auto' or a positive integer, got {lanes!r}")
+    return n, max(1, total // n)
+
+
 def torch_cuda_available() -> bool:
     import torch
 

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from cbir.models.descriptor import Descriptor
-from cbir.runtime.device import resolve_device
+from cbir.runtime.device import plan_lanes, resolve_device
 from cbir.runtime.export import ExportInfo, cache_key, default_cache_dir, export_onnx
 from cbir.runtime.runner import EngineUnavailable, Runner, read_cached_model
 from cbir.runtime.session import cached_session, run_session
@@ -64,10 +64,14 @@ def cached_model(
 
 def session_runner(
     descriptor: Descriptor, path: Path, info: ExportInfo, *, engine: str, device: str,
-    threads: int | None, spinning: bool,
+    threads: int | None, spinning: bool, lanes: int | str | None = 1,
 ) -> Runner:
-    """A :class:`Runner` over the ONNX file ``path`` (fp32 or int8: same inputs and outputs)."""
+    """A :class:`Runner` over the ONNX file ``path`` (fp32 or int8: same inputs and outputs).
+
+    ``lanes`` > 1: the cores are split between that many concurrent calls, which share
+    one session (ONNX Runtime's ``run`` is thread-safe and releases the GIL)."""
     where = resolve_device(device, engine)
+    n_lanes, threads = plan_lanes(lanes, threads, where)
     try:
         session = cached_session(path, threads=threads, spinning=spinning, device=where)
     except EngineUnavailable:
@@ -96,7 +100,7 @@ def session_runner(
             return fallback(batch)
         return run_session(session, descriptor, batch)
 
-    return Runner(run, engine=engine, device=where, providers=list(session.get_providers()))
+    return Runner(run, engine=engine, device=where, providers=list(session.get_providers()), lanes=n_lanes)
 
 
 def onnx_runner(
@@ -107,12 +111,15 @@ def onnx_runner(
     spinning: bool = False,
     verbose: bool = True,
     device: str = "cpu",
+    lanes: int | str | None = 1,
     **_: Any,
 ) -> Runner:
     """Run ``descriptor`` with ONNX Runtime (fp32, all graph optimisations).
 
     ``threads``: ONNX Runtime intra-op threads (default: every usable core; the decode
-    workers run beside them because ORT threads sleep instead of spinning while idle).
+    workers run beside them because ORT threads sleep instead of spinning while idle),
+    split between ``lanes`` concurrent calls (``auto``: see :func:`plan_lanes`).
     """
     path, info = cached_model(descriptor, cache_dir, verbose=verbose)
-    return session_runner(descriptor, path, info, engine="onnx", device=device, threads=threads, spinning=spinning)
+    return session_runner(descriptor, path, info, engine="onnx", device=device, threads=threads, spinning=spinning,
+                          lanes=lanes)  # fmt: skip

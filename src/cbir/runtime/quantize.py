@@ -441,8 +441,10 @@ def int8_runner(
     spinning: bool = False,
     verbose: bool = True,
     device: str = "cpu",
+    lanes: int | str | None = 1,
 ) -> Runner:
-    """Run ``descriptor`` with its int8 graph (quantised and cached on first use)."""
+    """Run ``descriptor`` with its int8 graph (quantised and cached on first use); ``threads``
+    and ``lanes`` as for :func:`cbir.runtime.onnx_runner.onnx_runner`."""
     from cbir.runtime.export import ExportInfo
     from cbir.runtime.onnx_runner import onnx_available, session_runner
 
@@ -451,4 +453,5 @@ def int8_runner(
     path, info = int8_model(descriptor, calibrate, cache_dir, verbose=verbose)
     shape = ExportInfo(key=info.key, kind="descriptor", usable=True, min_cosine=info.agreement.get("min", 0.0),
                        checked_shapes=[], input_size=info.input_size)
-    return session_runner(descriptor, path, shape, engine=ENGINE, device=device, threads=threads, spinning=spinning)
+    return session_runner(descriptor, path, shape, engine=ENGINE, device=device, threads=threads, spinning=spinning,
+                          lanes=lanes)  # fmt: skip

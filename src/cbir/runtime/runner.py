@@ -39,6 +39,9 @@ class Runner:
     device: str = "cpu"
     #: ONNX Runtime execution providers of the session, in priority order (empty for torch)
     providers: list[str] = field(default_factory=list)
+    #: how many calls may run at once, each on its own cores (bulk extraction keeps that
+    #: many batches in flight: :func:`cbir.runtime.device.plan_lanes`)
+    lanes: int = 1
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         return self.fn(batch)
