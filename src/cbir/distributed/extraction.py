@@ -84,6 +84,7 @@ class DescribeFiles:
         import ray
 
         from cbir.runtime import make_runner
+        from cbir.runtime.device import AUTO_LANES_MAX_CORES
 
         descriptor_file, onnx_files = ray.get(files)
         self._dir = _actor_folder()
@@ -94,8 +95,10 @@ class DescribeFiles:
         if onnx_files:  # the driver's verified export: no export per actor
             for name, data in onnx_files.items():
                 (Path(self._dir) / name).write_bytes(data)
+            # the CPUs it holds as one-thread lanes on a small node, as on one machine
+            lanes = threads if threads <= AUTO_LANES_MAX_CORES else 1
             self.runner = make_runner(
-                self.descriptor, "onnx", cache_dir=self._dir, threads=threads, verbose=False
+                self.descriptor, "onnx", cache_dir=self._dir, threads=threads, lanes=lanes, verbose=False
             )
         else:
             import torch
@@ -104,7 +107,8 @@ class DescribeFiles:
             self.runner = make_runner(self.descriptor, "torch")
         self.batch_size = batch_size
         self.max_pixels = max_pixels
-        self.threads = threads  # decoding too: the node's other CPUs belong to other actors
+        # decoding too (the node's other CPUs belong to other actors); one thread beside lanes
+        self.threads = 1 if self.runner.lanes > 1 else threads
 
     def __call__(self, batch: Any) -> Any:
         from cbir.extract import iter_extract
