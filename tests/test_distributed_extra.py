@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import modules_loaded_by_help
 from typer.testing import CliRunner
@@ -77,3 +78,31 @@ def test_actor_folders_of_dead_processes_are_swept(tmp_path: Path) -> None:
     assert sweep_actor_folders(tmp_path) == [str(dead)]
     assert not dead.exists()
     assert live.exists() and all(d.exists() for d in foreign)
+
+
+def test_an_actor_holding_two_cpus_describes_in_lanes(
+    tmp_path: Path, image_dir: Path, tiny_descriptor, onnx_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A describing actor with 2 CPUs runs two one-thread ONNX calls and decodes on one
+    thread, as one machine does; one with 1 CPU runs one call; both give the same rows."""
+    ray = pytest.importorskip("ray")
+    pa = pytest.importorskip("pyarrow")
+    from cbir.data.datasets import list_images
+    from cbir.distributed.extraction import DescribeFiles, _onnx_files
+
+    monkeypatch.setattr(ray, "get", lambda ref: ref)  # the shipped files, without a cluster
+    monkeypatch.setenv("TMPDIR", str(tmp_path))  # the actors' folders
+    path = tmp_path / "tiny.cbir"
+    tiny_descriptor.save(path)
+    onnx_files, engine = _onnx_files(tiny_descriptor, "onnx")
+    assert engine == "onnx"
+    files = (path.read_bytes(), onnx_files)
+    two, one = DescribeFiles(files, 4, None, threads=2), DescribeFiles(files, 4, None, threads=1)
+    assert (two.runner.engine, two.runner.lanes, two.threads) == ("onnx", 2, 1)
+    assert (one.runner.engine, one.runner.lanes, one.threads) == ("onnx", 1, 1)
+    paths = [str(p) for p in list_images(image_dir)]
+    stats = [os.stat(p) for p in paths]
+    block = pa.table({"path": paths, "size": [s.st_size for s in stats], "mtime_ns": [s.st_mtime_ns for s in stats]})
+    a, b = two(block), one(block)
+    assert a.column("error").null_count == len(paths)
+    np.testing.assert_array_equal(np.array(a.column("vector").to_pylist()), np.array(b.column("vector").to_pylist()))
