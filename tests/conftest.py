@@ -47,10 +47,16 @@ def image_dir(tmp_path: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_descriptor():
-    """A small random-weight timm CNN: fast enough for every test that needs a model."""
+    """A small random-weight timm CNN: fast enough for every test that needs a model.
+    Its weights are seeded, so a failure seen once is seen again (torch otherwise seeds
+    each process differently)."""
+    import torch
+
     from cbir.models import build_descriptor
 
-    return build_descriptor("timm:resnet10t", pretrained=False, pooling="gem", image_size=64)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return build_descriptor("timm:resnet10t", pretrained=False, pooling="gem", image_size=64)
 
 
 @pytest.fixture(scope="session")
