@@ -84,7 +84,7 @@ class DescribeFiles:
         import ray
 
         from cbir.runtime import make_runner
-        from cbir.runtime.device import AUTO_LANES_MAX_CORES
+        from cbir.runtime.device import auto_lanes
 
         descriptor_file, onnx_files = ray.get(files)
         self._dir = _actor_folder()
@@ -95,11 +95,10 @@ class DescribeFiles:
         if onnx_files:  # the driver's verified export: no export per actor
             for name, data in onnx_files.items():
                 (Path(self._dir) / name).write_bytes(data)
-            # the CPUs it holds as one-thread lanes on a small node, as on one machine
-            lanes = threads if threads <= AUTO_LANES_MAX_CORES else 1
-            self.runner = make_runner(
-                self.descriptor, "onnx", cache_dir=self._dir, threads=threads, lanes=lanes, verbose=False
-            )
+            self.runner = make_runner(  # the CPUs it holds, laid out as one machine's cores
+                self.descriptor, "onnx", cache_dir=self._dir, threads=threads, lanes=auto_lanes(threads),
+                verbose=False,
+            )  # fmt: skip
         else:
             import torch
 

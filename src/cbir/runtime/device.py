@@ -38,6 +38,12 @@ def usable_cores() -> int:
 AUTO_LANES_MAX_CORES = 2
 
 
+def auto_lanes(cores: int) -> int:
+    """Lanes for a runner that has ``cores`` cores to itself: one per core on a small
+    machine (up to :data:`AUTO_LANES_MAX_CORES`), else one call on all of them."""
+    return cores if cores <= AUTO_LANES_MAX_CORES else 1
+
+
 def plan_lanes(lanes: int | str | None, threads: int | None, device: str) -> tuple[int, int]:
     """(lanes, threads per lane) for a CPU runner: ``lanes`` model calls may run at once,
     each on its own ``threads`` intra-op threads.
@@ -52,8 +58,7 @@ def plan_lanes(lanes: int | str | None, threads: int | None, device: str) -> tup
     if device == "cuda":
         return 1, total
     if lanes is None or lanes == "auto":
-        cores = usable_cores()
-        lanes = cores if threads is None and cores <= AUTO_LANES_MAX_CORES else 1
+        lanes = auto_lanes(usable_cores()) if threads is None else 1
     whole = (isinstance(lanes, int) and not isinstance(lanes, bool)) or (isinstance(lanes, str) and lanes.isdigit())
     n = int(lanes) if whole else 0
     if n < 1:
