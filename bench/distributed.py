@@ -10,10 +10,11 @@
    reported apart. Beyond train-pool's 2,853 images, ``--images`` adds hard links to its
    files (more paths, the same bytes).
 2. ``import``: ``cbir index --from`` of ``--vectors`` synthetic vectors from Parquet into a
-   FAISS (Flat) index and into Milvus Lite (FLAT), each in a fresh process: wall time, the
-   importer's own peak resident memory and that of its process tree (Milvus Lite's server
-   is a child process; needs psutil, ``pip install .[bench]``); a child that dies (out of
-   memory) is reported as such. The catalogue (SQLite, which keeps every raw vector) is written in
+   FAISS index (``auto``: the index planned for the final size is built during the import,
+   as a user's import builds it; the ``index`` column names it) and into Milvus Lite
+   (FLAT), each in a fresh process: wall time, the importer's own peak resident memory and
+   that of its process tree (sampled; needs psutil, ``pip install .[bench]``); a child
+   that dies (out of memory) is reported as such. The catalogue (SQLite, which keeps every raw vector) is written in
    both, as a real import does.
 3. ``search``: Milvus Lite HNSW (M=16, efConstruction=200) at ``--search-n`` vectors: build
    time, single-query latency (median, p99; one client thread) and recall@10 against exact
@@ -187,8 +188,8 @@ def _import_child(source: str, db: str, store: str) -> None:
 
 
 def _tree_rss(proc: psutil.Process) -> int:  # noqa: F821 (imported where used)
-    """Resident bytes of ``proc`` and its descendants (Milvus Lite's server is a child
-    process; pages shared between them are counted once per process)."""
+    """Resident bytes of ``proc`` and its descendants (a store may run a server process of
+    its own; pages shared between them are counted once per process)."""
     import psutil
 
     total = 0
@@ -236,8 +237,9 @@ IMPORT_STORES = {"faiss": ("faiss (auto)", ""), "milvus": ("milvus lite", "milvu
 def _index_built(db: Path) -> str:
     """The index an import left in ``db``: the FAISS plan's factory, or the Milvus store."""
     from cbir.index.catalog import Catalog
+    from cbir.index.folder import Layout
 
-    meta = Catalog.peek_meta(db / "catalog.sqlite", ["plan", "store"])
+    meta = Catalog.peek_meta(Layout(db).catalog, ["plan", "store"])
     if meta.get("store", "").startswith("milvus"):
         return meta["store"]
     return json.loads(meta["plan"])["factory"] if meta.get("plan") else "?"
