@@ -45,23 +45,6 @@ def test_a_missing_dependency_names_the_extra(blocked, monkeypatch, tmp_path: Pa
     assert res.exception is None or isinstance(res.exception, SystemExit)
 
 
-def test_light_ray_stages_do_not_import_torch() -> None:
-    """The stat and Parquet-writing stages run in Ray worker processes of their own, started
-    per job: importing their module (and the package) must not import PyTorch, which costs
-    those workers seconds and ~1 GB each."""
-    code = (
-        "import sys\n"
-        "import cbir, cbir.distributed.stages as s\n"
-        "assert callable(s.stat_files) and callable(s.shard_sink_class)\n"
-        "heavy = sorted(m for m in ('torch', 'torchvision', 'onnxruntime') if m in sys.modules)\n"
-        "print(heavy)\n"
-        "assert not heavy, heavy\n"
-        "assert cbir.CbirError.__name__ == 'CbirError'  # the package's names still resolve\n"
-    )
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr
-
-
 def test_actor_folders_of_dead_processes_are_swept(tmp_path: Path) -> None:
     """A killed describing actor runs no clean-up; the next actor on the node removes its
     folder (~40 MB each), and only folders of processes that are gone."""
@@ -80,6 +63,25 @@ def test_actor_folders_of_dead_processes_are_swept(tmp_path: Path) -> None:
     assert live.exists() and all(d.exists() for d in foreign)
 
 
+def _shipped(tmp_path: Path, descriptor, done: np.ndarray | None = None) -> tuple:
+    """What the driver ships to the describing actors: descriptor file, ONNX export, keys done."""
+    from cbir.distributed.extraction import _onnx_files
+
+    path = tmp_path / "tiny.cbir"
+    descriptor.save(path)
+    onnx_files, engine = _onnx_files(descriptor, "onnx")
+    assert engine == "onnx"
+    return path.read_bytes(), onnx_files, np.array([], dtype="S16") if done is None else done
+
+
+def _shard_rows(shard_dir: Path, name: str) -> tuple[list[str], list]:
+    """(paths, vectors: None where the image failed) of one written shard."""
+    import pyarrow.parquet as pq
+
+    t = pq.read_table(shard_dir / name)
+    return t.column("path").to_pylist(), t.column("vector").to_pylist()
+
+
 def test_an_actor_holding_two_cpus_describes_in_lanes(
     tmp_path: Path, image_dir: Path, tiny_descriptor, onnx_cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -88,21 +90,53 @@ def test_an_actor_holding_two_cpus_describes_in_lanes(
     ray = pytest.importorskip("ray")
     pa = pytest.importorskip("pyarrow")
     from cbir.data.datasets import list_images
-    from cbir.distributed.extraction import DescribeFiles, _onnx_files
+    from cbir.distributed.extraction import DescribeFiles
 
     monkeypatch.setattr(ray, "get", lambda ref: ref)  # the shipped files, without a cluster
     monkeypatch.setenv("TMPDIR", str(tmp_path))  # the actors' folders
-    path = tmp_path / "tiny.cbir"
-    tiny_descriptor.save(path)
-    onnx_files, engine = _onnx_files(tiny_descriptor, "onnx")
-    assert engine == "onnx"
-    files = (path.read_bytes(), onnx_files)
-    two, one = DescribeFiles(files, 4, None, threads=2), DescribeFiles(files, 4, None, threads=1)
+    shipped = _shipped(tmp_path, tiny_descriptor)
+    (tmp_path / "two").mkdir()
+    (tmp_path / "one").mkdir()
+    two = DescribeFiles(shipped, "/", str(tmp_path / "two"), 4, None, threads=2)
+    one = DescribeFiles(shipped, "/", str(tmp_path / "one"), 4, None, threads=1)
+    paths = [str(p) for p in list_images(image_dir)]
+    a, b = two(pa.table({"text": paths})), one(pa.table({"text": paths}))
     assert (two.runner.engine, two.runner.lanes, two.threads) == ("onnx", 2, 1)
     assert (one.runner.engine, one.runner.lanes, one.threads) == ("onnx", 1, 1)
+    assert a.to_pylist() == b.to_pylist() == [{"shard": a["shard"][0].as_py(), "described": len(paths), "failed": 0}]
+    pa_, va = _shard_rows(tmp_path / "two", a["shard"][0].as_py())
+    pb_, vb = _shard_rows(tmp_path / "one", b["shard"][0].as_py())
+    assert pa_ == pb_ == paths
+    np.testing.assert_array_equal(np.array(va, np.float32), np.array(vb, np.float32))
+
+
+def test_an_actor_writes_only_rows_not_yet_written(
+    tmp_path: Path, image_dir: Path, tiny_descriptor, onnx_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The resume happens in the actor: listed paths whose (path, size, mtime) is already
+    written are dropped before anything is read; a block with nothing left writes no shard
+    and loads no model. Relative lines are resolved from the list's folder."""
+    ray = pytest.importorskip("ray")
+    pa = pytest.importorskip("pyarrow")
+    from cbir.data.datasets import list_images
+    from cbir.distributed.embeddings import key_digests
+    from cbir.distributed.extraction import DescribeFiles
+
+    monkeypatch.setattr(ray, "get", lambda ref: ref)
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
     paths = [str(p) for p in list_images(image_dir)]
-    stats = [os.stat(p) for p in paths]
-    block = pa.table({"path": paths, "size": [s.st_size for s in stats], "mtime_ns": [s.st_mtime_ns for s in stats]})
-    a, b = two(block), one(block)
-    assert a.column("error").null_count == len(paths)
-    np.testing.assert_array_equal(np.array(a.column("vector").to_pylist()), np.array(b.column("vector").to_pylist()))
+    stats = [os.stat(p) for p in paths[:3]]
+    done = np.sort(key_digests(paths[:3], [s.st_size for s in stats], [s.st_mtime_ns for s in stats]))
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    actor = DescribeFiles(_shipped(tmp_path, tiny_descriptor, done), str(image_dir), str(shards), 4, None, threads=1)
+
+    assert actor(pa.table({"text": paths[:3]})).num_rows == 0
+    assert actor.runner is None and not list(shards.iterdir())  # nothing to do: no model loaded
+
+    relative = [os.path.relpath(p, image_dir) for p in paths] + ["missing.jpg"]
+    out = actor(pa.table({"text": relative}))
+    assert out.to_pylist() == [{"shard": out["shard"][0].as_py(), "described": len(paths) - 3, "failed": 1}]
+    written, vectors = _shard_rows(shards, out["shard"][0].as_py())
+    assert written == paths[3:] + [str(image_dir / "missing.jpg")]
+    assert vectors[-1] is None and all(v is not None for v in vectors[:-1])

@@ -1,15 +1,21 @@
 """Distributed extraction on Ray Data: a file list in, Parquet embeddings out.
 
-The job is one Ray Data pipeline; Ray schedules, retries and moves the data::
+The job is one Ray Data pipeline with one stage; Ray schedules, retries and moves the data::
 
-    file list (read_text of LIST.txt, or a walked folder)
-      -> stat          tasks: size and mtime_ns of each file (cheap, I/O only)
-      -> not yet done  drop (path, size, mtime_ns) already in OUT_DIR (resume)
-      -> describe      an actor pool: each actor loads the descriptor once (its file is
-                       shipped through the object store with the pool), then reads, hashes,
-                       decodes and describes its blocks with cbir's own extraction code
-      -> ShardSink     each block becomes one Parquet shard, written atomically under a
-                       name derived from its rows (see :mod:`cbir.distributed.embeddings`)
+    file list      read_text of LIST.txt files, or a folder walked by the driver and put
+                   in the object store in blocks
+      -> describe  an actor pool: each actor gets the descriptor file, the ONNX export and
+                   the keys of the rows already written once (shipped through the object
+                   store with the pool); for each block it stats the files, drops those
+                   already written (same path, size, mtime_ns: the resume), reads, hashes,
+                   decodes and describes the rest with cbir's own extraction code, and
+                   writes them as one Parquet shard, atomically, under a name derived from
+                   its rows (see :mod:`cbir.distributed.embeddings`)
+      -> driver    collects one (shard, described, failed) row per block
+
+One stage, not a stat stage, the actors and a write stage: every stage of its own starts
+Ray worker processes of its own on each job, and on a small node their start-up was most
+of Ray's overhead; the vectors also never leave the actor that made them.
 
 Exactly once, also when a worker dies: Ray restarts a killed actor and re-runs the block it
 held (``max_restarts``/``max_task_retries``); the re-run writes the same rows under the same
@@ -39,8 +45,14 @@ from cbir.data.decode import DEFAULT_MAX_PIXELS
 from cbir.defaults import BLOCK_ROWS
 from cbir.distributed.cluster import cluster_cpus, ray_session
 from cbir.distributed.deps import require
-from cbir.distributed.embeddings import EmbeddingsError, EmbeddingsFolder, rows_table
-from cbir.distributed.stages import shard_sink_class, stat_files
+from cbir.distributed.embeddings import (
+    EmbeddingsError,
+    EmbeddingsFolder,
+    contains,
+    key_digests,
+    rows_table,
+    write_shard,
+)
 from cbir.models.descriptor import Descriptor
 from cbir.runtime import DEFAULT_ENGINE
 
@@ -67,55 +79,102 @@ class DistributedReport:
 
 
 # ----------------------------------------------------------------------------------------
-# stages (run on the workers; plain functions of Arrow tables)
+# the describing actor: everything a block needs, in one process
 # ----------------------------------------------------------------------------------------
+def stat_rows(lines: list[str], base: str) -> tuple[list[str], list[int], list[int]]:
+    """Absolute paths (relative lines resolved from ``base``), sizes and mtime_ns; -1 for a
+    missing file, which is then reported, not skipped."""
+    paths, sizes, mtimes = [], [], []
+    for raw in lines:
+        line = raw.strip()
+        if not line:
+            continue
+        path = os.path.abspath(os.path.join(base, line))
+        try:
+            st = os.stat(path)
+            size, mtime = st.st_size, st.st_mtime_ns
+        except OSError:
+            size, mtime = -1, -1
+        paths.append(path)
+        sizes.append(size)
+        mtimes.append(mtime)
+    return paths, sizes, mtimes
+
+
 class DescribeFiles:
-    """The actor of the describe stage: one descriptor and one runner, many blocks."""
+    """The actor of the job's one stage: for each block of listed paths it stats them, drops
+    the rows already written, hashes, decodes and describes the rest, and writes them as one
+    shard. Doing all of it here starts no Ray worker process besides the actors (each one
+    imports Ray and pyarrow: about 2 CPU-seconds, which a 2-core node pays in wall time),
+    and moves no vectors through the object store."""
 
     def __init__(
         self,
-        files: Any,
+        shipped: Any,
+        base: str,
+        shard_dir: str,
         batch_size: int,
         max_pixels: int | None,
         threads: int,
     ) -> None:
-        """``files``: an object reference to (descriptor file bytes, ONNX files or None),
-        put in the object store once by the driver and fetched once per actor."""
+        """``shipped``: an object reference to (descriptor file bytes, ONNX files or None,
+        sorted key digests of the rows already written), put in the object store once by the
+        driver and fetched once per actor. The model loads on the first block with work, so
+        a re-run of a finished job loads none."""
         import ray
 
+        self._descriptor_file, self._onnx_files, self._done = ray.get(shipped)
+        self.base, self.shard_dir = base, shard_dir
+        self.batch_size, self.max_pixels, self.cpus = batch_size, max_pixels, threads
+        self.runner: Any = None
+
+    def load(self) -> None:
+        """The descriptor and its runner, laid out for the CPUs this actor holds."""
         from cbir.runtime import make_runner
         from cbir.runtime.device import auto_lanes
 
-        descriptor_file, onnx_files = ray.get(files)
         self._dir = _actor_folder()
         weakref.finalize(self, shutil.rmtree, self._dir, True)  # at a graceful exit of the actor
         path = Path(self._dir) / "descriptor.cbir"
-        path.write_bytes(descriptor_file)
+        path.write_bytes(self._descriptor_file)
         self.descriptor = Descriptor.load(path)
-        if onnx_files:  # the driver's verified export: no export per actor
-            for name, data in onnx_files.items():
+        if self._onnx_files:  # the driver's verified export: no export per actor
+            for name, data in self._onnx_files.items():
                 (Path(self._dir) / name).write_bytes(data)
             self.runner = make_runner(  # the CPUs it holds, laid out as one machine's cores
-                self.descriptor, "onnx", cache_dir=self._dir, threads=threads, lanes=auto_lanes(threads),
+                self.descriptor, "onnx", cache_dir=self._dir, threads=self.cpus, lanes=auto_lanes(self.cpus),
                 verbose=False,
             )  # fmt: skip
         else:
             import torch
 
-            torch.set_num_threads(threads)
+            torch.set_num_threads(self.cpus)
             self.runner = make_runner(self.descriptor, "torch")
-        self.batch_size = batch_size
-        self.max_pixels = max_pixels
         # decoding too (the node's other CPUs belong to other actors); one thread beside lanes
-        self.threads = 1 if self.runner.lanes > 1 else threads
+        self.threads = 1 if self.runner.lanes > 1 else self.cpus
 
     def __call__(self, batch: Any) -> Any:
+        """One block of listed paths in; one row (shard name, described, failed) out, or
+        none when every path of the block is already written."""
+        pa = require("pyarrow")
+        paths, sizes, mtimes = stat_rows(batch.column(0).to_pylist(), self.base)
+        keep = ~contains(self._done, key_digests(paths, sizes, mtimes))
+        todo = [i for i in range(len(paths)) if keep[i]]
+        if not todo:
+            return pa.table({"shard": pa.array([], pa.string()), "described": pa.array([], pa.int64()),
+                             "failed": pa.array([], pa.int64())})  # fmt: skip
+        if self.runner is None:
+            self.load()
+        table = self.describe([paths[i] for i in todo], [sizes[i] for i in todo], [mtimes[i] for i in todo])
+        described = table.column("error").null_count  # no error: described
+        name = write_shard(self.shard_dir, table)
+        return pa.table({"shard": [name], "described": [described], "failed": [table.num_rows - described]})
+
+    def describe(self, paths: list[str], sizes: list[int], mtimes: list[int]) -> Any:
+        """The shard's rows: each file's hash and vector, or the reason it has none."""
         from cbir.extract import iter_extract
         from cbir.index import file_sha256
 
-        paths = batch.column("path").to_pylist()
-        sizes = batch.column("size").to_pylist()
-        mtimes = batch.column("mtime_ns").to_pylist()
         dim = int(self.descriptor.dim)
         shas: list[str | None] = [None] * len(paths)
         errors: list[str | None] = [None] * len(paths)
@@ -198,8 +257,9 @@ def _changed(path: str, size: int, mtime_ns: int) -> bool:
 # ----------------------------------------------------------------------------------------
 # the driver
 # ----------------------------------------------------------------------------------------
-def _file_list(ray: Any, inputs: Sequence[str | os.PathLike]) -> tuple[Any, str]:
-    """A dataset of paths: LIST.txt files read by Ray Data, or folders walked here."""
+def _file_list(ray: Any, inputs: Sequence[str | os.PathLike], block_rows: int) -> tuple[Any, str]:
+    """A dataset of paths: LIST.txt files read by Ray Data, or folders walked here and put
+    in the object store in blocks of ``block_rows`` (Ray starts no task for them)."""
     from cbir.data.datasets import list_images
 
     lists = [os.fspath(p) for p in inputs if os.fspath(p).endswith(".txt")]
@@ -213,7 +273,11 @@ def _file_list(ray: Any, inputs: Sequence[str | os.PathLike]) -> tuple[Any, str]
         bases = {os.path.dirname(os.path.abspath(p)) for p in lists}
         if len(bases) > 1:
             raise EmbeddingsError("file lists must be in one folder (relative paths are resolved from it)")
-        return ray.data.read_text([os.path.abspath(p) for p in lists]), bases.pop()
+        # blocks of about block_rows lines (Ray splits what each read task reads), so every
+        # actor gets work; reading is I/O: a CPU of its own would wait for the actors
+        blocks = max(1, -(-sum(_count_lines(p) for p in lists) // block_rows))
+        ds = ray.data.read_text([os.path.abspath(p) for p in lists], num_cpus=0, override_num_blocks=blocks)
+        return ds, bases.pop()
     paths: list[str] = []
     for p in others:
         try:
@@ -223,7 +287,18 @@ def _file_list(ray: Any, inputs: Sequence[str | os.PathLike]) -> tuple[Any, str]
     if not paths:
         raise EmbeddingsError("no images found")
     pa = require("pyarrow")
-    return ray.data.from_arrow(pa.table({"text": pa.array(paths, pa.string())})), "/"
+    step = block_rows
+    blocks = [pa.table({"text": pa.array(paths[i : i + step], pa.string())}) for i in range(0, len(paths), step)]
+    return ray.data.from_arrow(blocks), "/"
+
+
+def _count_lines(path: str) -> int:
+    """Lines of a file list, counted in 1 MB chunks (a list of 10^7 paths is ~1 GB)."""
+    n = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            n += chunk.count(b"\n")
+    return n + 1
 
 
 def _onnx_files(descriptor: Descriptor, engine: str) -> tuple[dict[str, bytes] | None, str]:
@@ -265,7 +340,7 @@ def extract_with_ray(
     the embeddings folder ``out_dir``; rows already there (same path, size, mtime) are kept.
 
     ``workers``: describing actors (default: the cluster's CPUs / ``cpus_per_worker``);
-    ``block_rows``: images per Ray block, i.e. per actor call and per Parquet shard.
+    ``block_rows``: listed paths per actor call, i.e. per Parquet shard at most.
     """
     from cbir.index.locks import BusyError, FileLock
 
@@ -278,7 +353,7 @@ def extract_with_ray(
             damaged = folder.clean()
             try:
                 with ray_session(address) as ray:
-                    sink, n_workers, used = _run_pipeline(
+                    shards, n_workers, used = _run_pipeline(
                         ray, inputs, folder, descriptor, workers=workers, cpus_per_worker=cpus_per_worker,
                         batch_size=batch_size, block_rows=block_rows, engine=engine, max_pixels=max_pixels,
                         progress=progress,
@@ -291,9 +366,9 @@ def extract_with_ray(
         raise EmbeddingsError(f"another run is writing to {folder.root}") from exc
     return DistributedReport(
         out_dir=os.fspath(out_dir),
-        described=sum(s[1] for s in sink.shards),
-        failed=sum(s[2] for s in sink.shards),
-        shards_written=len(sink.shards),
+        described=sum(s[1] for s in shards),
+        failed=sum(s[2] for s in shards),
+        shards_written=len(shards),
         damaged_shards=damaged,
         workers=n_workers,
         engine=used,
@@ -307,36 +382,29 @@ def _run_pipeline(
     ray: Any, inputs: Sequence[str | os.PathLike], folder: EmbeddingsFolder, descriptor: Descriptor, *,
     workers: int | None, cpus_per_worker: float, batch_size: int, block_rows: int, engine: str,
     max_pixels: int | None, progress: bool,
-) -> tuple[Any, int, str]:  # fmt: skip
-    """Build and run the Ray Data pipeline; returns (sink, actors, engine used)."""
+) -> tuple[list[tuple[str, int, int]], int, str]:  # fmt: skip
+    """Build and run the Ray Data pipeline; returns ((shard, described, failed) per shard
+    written, actors, engine used)."""
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = progress and sys.stderr.isatty()
     ctx.print_on_execution_start = False
     fits = max(1, int(cluster_cpus(ray) // max(cpus_per_worker, 1e-3)))
     n_workers = workers or fits
     onnx_files, used = _onnx_files(descriptor, engine)
-    ds, base = _file_list(ray, inputs)
-    # Phase 1, materialised before any actor exists: the repartition runs tasks that need a
-    # CPU, which a pool holding every CPU would never give back (a deadlock on small clusters).
-    todo = (
-        ds.map_batches(stat_files, batch_format="pyarrow", fn_kwargs={"done": folder.done_keys(), "base": base},
-                       num_cpus=0, concurrency=fits)  # I/O only; capped, or one worker process per block
-        .repartition(target_num_rows_per_block=block_rows)  # the unit of work, retry and shard
-        .materialize()
-    )  # fmt: skip
-    sink = shard_sink_class()(os.fspath(folder.shard_dir))
-    if todo.count() == 0:  # everything is written: no actor to start, no model to load
-        return sink, n_workers, used
-    ds = todo.map_batches(
+    ds, base = _file_list(ray, inputs, block_rows)
+    shipped = ray.put((folder.descriptor_path.read_bytes(), onnx_files, folder.done_keys()))
+    results = ds.map_batches(
         DescribeFiles,
         fn_constructor_kwargs={
-            "files": ray.put((folder.descriptor_path.read_bytes(), onnx_files)),
+            "shipped": shipped, "base": base, "shard_dir": os.fspath(folder.shard_dir),
             "batch_size": batch_size, "max_pixels": max_pixels, "threads": max(1, int(cpus_per_worker)),
         },
-        batch_size=block_rows, batch_format="pyarrow", num_cpus=cpus_per_worker,
-        compute=ray.data.ActorPoolStrategy(min_size=min(n_workers, fits), max_size=n_workers),
+        batch_size=None, batch_format="pyarrow", num_cpus=cpus_per_worker,  # a block per call: a shard
+        # one block at a time per actor: a block queued behind another actor's would leave
+        # this one idle at the end of the job while that one works through its queue
+        compute=ray.data.ActorPoolStrategy(
+            min_size=min(n_workers, fits), max_size=n_workers, max_tasks_in_flight_per_actor=1
+        ),
     )  # fmt: skip
-    # writes need no CPU of their own, but without a cap Ray starts a worker process per
-    # block; the actors bound the write rate anyway
-    ds.write_datasink(sink, ray_remote_args={"num_cpus": 0}, concurrency=n_workers)
-    return sink, n_workers, used
+    shards = [(r["shard"], int(r["described"]), int(r["failed"])) for r in results.iter_rows()]
+    return shards, n_workers, used
