@@ -140,3 +140,22 @@ def test_an_actor_writes_only_rows_not_yet_written(
     written, vectors = _shard_rows(shards, out["shard"][0].as_py())
     assert written == paths[3:] + [str(image_dir / "missing.jpg")]
     assert vectors[-1] is None and all(v is not None for v in vectors[:-1])
+
+
+@pytest.mark.parametrize(
+    ("rows", "block_rows", "actors", "blocks"),
+    [
+        (22824, 1024, 2, 24),  # 23 blocks would leave one actor alone with the last one
+        (5706, 1024, 2, 6),
+        (201, 10, 2, 22),
+        (1025, 1024, 1, 2),  # one actor: just at most block_rows each
+        (3, 1024, 8, 3),  # never more blocks than rows
+        (0, 1024, 2, 1),
+    ],
+)
+def test_blocks_are_a_multiple_of_the_actors(rows: int, block_rows: int, actors: int, blocks: int) -> None:
+    from cbir.distributed.extraction import plan_blocks
+
+    assert plan_blocks(rows, block_rows, actors) == blocks
+    if rows:
+        assert -(-rows // blocks) <= block_rows

@@ -52,7 +52,7 @@ def extract_cmd(
         float, typer.Option("--cpus-per-worker", help="With --ray: CPUs (and model threads) of each actor.")
     ] = 1.0,
     block_rows: Annotated[
-        int, typer.Option("--block-rows", help="With --ray: images per block (per actor call and Parquet shard).")
+        int, typer.Option("--block-rows", help="With --ray: most images per block (one actor call, one shard).")
     ] = BLOCK_ROWS,
     exclude: ExcludeOpt = None,
     include_hidden: IncludeHiddenOpt = False,

@@ -257,9 +257,18 @@ def _changed(path: str, size: int, mtime_ns: int) -> bool:
 # ----------------------------------------------------------------------------------------
 # the driver
 # ----------------------------------------------------------------------------------------
-def _file_list(ray: Any, inputs: Sequence[str | os.PathLike], block_rows: int) -> tuple[Any, str]:
-    """A dataset of paths: LIST.txt files read by Ray Data, or folders walked here and put
-    in the object store in blocks of ``block_rows`` (Ray starts no task for them)."""
+def plan_blocks(rows: int, block_rows: int, actors: int) -> int:
+    """How many blocks ``rows`` listed paths are cut into: at most ``block_rows`` each, and a
+    multiple of ``actors``, so that equal blocks give every actor the same number and the
+    job does not end with one actor working through a last block while the others idle
+    (on 2 actors and 23 blocks of 1,024 images, ~13 s of one core)."""
+    blocks = max(1, -(-rows // block_rows))
+    return max(1, min(rows, -(-blocks // actors) * actors))
+
+
+def _file_list(ray: Any, inputs: Sequence[str | os.PathLike], block_rows: int, actors: int) -> tuple[Any, str]:
+    """A dataset of paths in :func:`plan_blocks` blocks: LIST.txt files read by Ray Data, or
+    folders walked here and put in the object store (Ray starts no task for them)."""
     from cbir.data.datasets import list_images
 
     lists = [os.fspath(p) for p in inputs if os.fspath(p).endswith(".txt")]
@@ -275,7 +284,7 @@ def _file_list(ray: Any, inputs: Sequence[str | os.PathLike], block_rows: int) -
             raise EmbeddingsError("file lists must be in one folder (relative paths are resolved from it)")
         # blocks of about block_rows lines (Ray splits what each read task reads), so every
         # actor gets work; reading is I/O: a CPU of its own would wait for the actors
-        blocks = max(1, -(-sum(_count_lines(p) for p in lists) // block_rows))
+        blocks = plan_blocks(sum(_count_lines(p) for p in lists), block_rows, actors)
         ds = ray.data.read_text([os.path.abspath(p) for p in lists], num_cpus=0, override_num_blocks=blocks)
         return ds, bases.pop()
     paths: list[str] = []
@@ -287,8 +296,8 @@ def _file_list(ray: Any, inputs: Sequence[str | os.PathLike], block_rows: int) -
     if not paths:
         raise EmbeddingsError("no images found")
     pa = require("pyarrow")
-    step = block_rows
-    blocks = [pa.table({"text": pa.array(paths[i : i + step], pa.string())}) for i in range(0, len(paths), step)]
+    cuts = np.linspace(0, len(paths), plan_blocks(len(paths), block_rows, actors) + 1).round().astype(int)
+    blocks = [pa.table({"text": pa.array(paths[a:b], pa.string())}) for a, b in zip(cuts[:-1], cuts[1:], strict=True)]
     return ray.data.from_arrow(blocks), "/"
 
 
@@ -391,7 +400,7 @@ def _run_pipeline(
     fits = max(1, int(cluster_cpus(ray) // max(cpus_per_worker, 1e-3)))
     n_workers = workers or fits
     onnx_files, used = _onnx_files(descriptor, engine)
-    ds, base = _file_list(ray, inputs, block_rows)
+    ds, base = _file_list(ray, inputs, block_rows, n_workers)
     shipped = ray.put((folder.descriptor_path.read_bytes(), onnx_files, folder.done_keys()))
     results = ds.map_batches(
         DescribeFiles,
