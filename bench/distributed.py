@@ -7,7 +7,9 @@
    Each Ray run is a whole job (list, stat, actors started, describe, Parquet written) on a
    running local cluster (started once, as a cluster is long-lived); its start-up (seconds
    to the first shard) and running rate (images/s from the first shard to the last) are
-   reported apart. Beyond train-pool's 2,853 images, ``--images`` adds hard links to its
+   reported apart, with the CPU-seconds every kind of process spent (``ProcessCpu``: the
+   driver, the describing actors, other Ray workers, Ray Data's actors, Ray's system
+   processes; needs psutil). Beyond train-pool's 2,853 images, ``--images`` adds hard links to its
    files (more paths, the same bytes).
 2. ``import``: ``cbir index --from`` of ``--vectors`` synthetic vectors from Parquet into a
    FAISS index (``auto``: the index planned for the final size is built during the import,
@@ -101,6 +103,76 @@ def steady_rate(out: Path) -> tuple[float, float]:
     return shards[0][0], sum(n for _, n in shards[1:]) / span if span > 0 else float("nan")
 
 
+class ProcessCpu:
+    """CPU-seconds (user + system) that every process on the machine spent while the block
+    ran, by kind: this process (the driver, or the single-machine pipeline), the describing
+    actors, other Ray worker processes (tasks: each one started costs the import of Ray),
+    Ray Data's own actors, Ray's system processes. Processes are sampled every second from
+    a thread, so one that starts and exits between two samples is missed (a lower bound)."""
+
+    def __init__(self) -> None:
+        import psutil
+
+        self._psutil = psutil
+        self.base = {p.pid: self._cpu(p) for p in psutil.process_iter()}
+        self.seen: dict[int, tuple[str, float]] = {}
+        self._stop = False
+
+    @staticmethod
+    def _cpu(p: object) -> float:
+        try:
+            t = p.cpu_times()  # type: ignore[attr-defined]
+            return t.user + t.system
+        except Exception:  # noqa: BLE001 - exited
+            return 0.0
+
+    def _kind(self, p: object) -> str:
+        if p.pid == os.getpid():  # type: ignore[attr-defined]
+            return "this process"
+        name = " ".join(p.cmdline() or [p.name()])  # type: ignore[attr-defined]
+        if "DescribeFiles" in name:
+            return "describing actors"
+        if name.startswith("ray::_") or "ActorLocationTracker" in name:
+            return "Ray Data's actors"
+        if name.startswith("ray::"):
+            return "other Ray workers"
+        return "Ray system processes" if "ray" in name else "other"
+
+    def _sample(self) -> None:
+        for p in self._psutil.process_iter():
+            try:
+                self.seen[p.pid] = (self._kind(p), self._cpu(p))
+            except self._psutil.Error:
+                pass
+
+    def __enter__(self) -> ProcessCpu:
+        import threading
+
+        def loop() -> None:
+            while not self._stop:
+                self._sample()
+                time.sleep(1.0)
+
+        self._thread = threading.Thread(target=loop, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop = True
+        self._thread.join()
+        self._sample()
+
+    def by_kind(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for pid, (kind, cpu) in self.seen.items():
+            out[kind] = out.get(kind, 0.0) + max(0.0, cpu - self.base.get(pid, 0.0))
+        return {k: round(v, 1) for k, v in sorted(out.items()) if k != "other" and v >= 0.05}
+
+    def started(self, kind: str) -> int:
+        """Processes of ``kind`` that were not running when the block began."""
+        return sum(1 for pid, (k, _) in self.seen.items() if k == kind and pid not in self.base)
+
+
 def bench_extract(n_images: int, repeats: int, work: Path) -> dict:
     import ray
 
@@ -125,11 +197,14 @@ def bench_extract(n_images: int, repeats: int, work: Path) -> dict:
     times: dict[str, list[float]] = {k: [] for k in runs}
     first: dict[str, list[float]] = {k: [] for k in outs}
     steady: dict[str, list[float]] = {k: [] for k in outs}
+    cpu: dict[str, list[dict[str, float]]] = {k: [] for k in runs}
     for _ in range(repeats):
         for name, run in runs.items():
-            t, wall = time.perf_counter(), time.time()
-            run()
-            times[name].append(time.perf_counter() - t)
+            with ProcessCpu() as used:
+                t, wall = time.perf_counter(), time.time()
+                run()
+                times[name].append(time.perf_counter() - t)
+            cpu[name].append({**used.by_kind(), "Ray workers started": used.started("other Ray workers")})
             if name in outs:
                 t_first, rate = steady_rate(outs[name])
                 first[name].append(t_first - wall)
@@ -144,6 +219,9 @@ def bench_extract(n_images: int, repeats: int, work: Path) -> dict:
         # a Ray job's start-up (to its first shard) and its running rate, apart
         row["to_first_shard_s"] = round(statistics.median(first[name]), 2) if name in outs else ""
         row["running_images_per_s"] = round(statistics.median(steady[name]), 1) if name in outs else ""
+        # CPU-seconds by kind of process, median over the repeats
+        kinds = sorted({k for c in cpu[name] for k in c})
+        row["cpu_s_by_process"] = {k: statistics.median(c.get(k, 0) for c in cpu[name]) for k in kinds}
         rows.append({**row, "runs_s": [round(t, 2) for t in ts]})
     return {"rows": rows, "images_from": source, "descriptor": desc.describe_name(), "cores": 2}
 
