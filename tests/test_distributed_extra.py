@@ -71,7 +71,7 @@ def _shipped(tmp_path: Path, descriptor, done: np.ndarray | None = None) -> tupl
     descriptor.save(path)
     onnx_files, engine = _onnx_files(descriptor, "onnx")
     assert engine == "onnx"
-    return path.read_bytes(), onnx_files, np.array([], dtype="S16") if done is None else done
+    return path.read_bytes(), engine, onnx_files, np.array([], dtype="S16") if done is None else done
 
 
 def _shard_rows(shard_dir: Path, name: str) -> tuple[list[str], list]:

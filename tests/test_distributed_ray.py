@@ -287,3 +287,27 @@ def test_rerun_after_interrupted_run_writes_only_missing_rows(cluster, images, d
     after = {p.name: p.stat().st_mtime_ns for p in (out / "embeddings").glob("*.parquet")}
     assert all(after[name] == mtime for name, mtime in first.items())  # nothing rewritten
     _check_complete(out, reference, str(images / "d0" / "broken.jpg"))
+
+
+def test_int8_job_ships_the_int8_graph(cluster, images, descriptor_file, tmp_path):
+    """``--engine onnx-int8``: quantised once by the driver, run by the actors; the folder's
+    descriptor and manifest record int8 numerics, so an import builds an int8 index."""
+    calib = tmp_path / "calib"
+    for i in range(24):
+        make_image(calib / f"c{i:02d}.jpg", seed=5000 + i, size=(48 + i % 5 * 8, 56))
+    out = tmp_path / "emb8"
+    args = _extract_args(images, out, cluster, descriptor_file, 50)
+    args[args.index("--engine") + 1] = "onnx-int8"
+    args += ["--calibrate", str(calib)]
+    res = _run(args, cluster)
+    assert res.returncode == 0, res.stderr
+    assert "2 Ray workers, onnx-int8" in res.stdout, res.stdout
+    import json
+
+    from cbir.models.descriptor import Descriptor
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["rows"] == N_IMAGES and manifest["descriptor"]["name"].endswith("onnx-int8")
+    stored = Descriptor.load(out / "descriptor.cbir")
+    assert stored.numerics["engine"] == "onnx-int8"
+    assert manifest["descriptor"]["identity"] == stored.identity() != Descriptor.load(descriptor_file).identity()

@@ -181,6 +181,41 @@ def test_extract_records_the_int8_identity(onnx_cache: Path, calib: Path, desc: 
     assert np.median(_cos(a.features, b.features)) >= 0.98
 
 
+def test_a_ray_actor_describes_with_the_int8_engine(onnx_cache: Path, calib: Path, desc: Descriptor,
+                                                    image_dir: Path, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """``cbir extract --ray --engine onnx-int8``: the driver ships the int8 graph with the
+    fp32 export, the actor runs int8 (not fp32, which would be a silent fallback), and its
+    vectors are the single machine's int8 vectors."""
+    ray = pytest.importorskip("ray")
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    from cbir.data.datasets import list_images
+    from cbir.distributed.extraction import DescribeFiles, _onnx_files
+    from cbir.extract import extract
+
+    d8 = for_engine(desc, "onnx-int8", calib)
+    files, engine = _onnx_files(d8, "onnx-int8")
+    assert engine == "onnx-int8" and sum("-int8-" in name for name in files) == 2  # graph + its record
+    monkeypatch.setattr(ray, "get", lambda ref: ref)  # the shipped files, without a cluster
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    model = tmp_path / "d8.cbir"
+    d8.save(model)
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    actor = DescribeFiles((model.read_bytes(), engine, files, np.array([], dtype="S16")), "/", str(shards), 4, None,
+                          threads=1)  # fmt: skip
+    paths = [str(p) for p in list_images(image_dir)]
+    out = actor(pa.table({"text": paths}))
+    assert actor.runner.engine == "onnx-int8"
+    assert actor.descriptor.identity() == d8.identity() != desc.identity()
+    t = pq.read_table(shards / out["shard"][0].as_py())
+    ref = extract(d8, paths, engine="onnx-int8", workers=0, progress=False)
+    assert t.column("path").to_pylist() == list(ref.paths)
+    assert _cos(np.array(t.column("vector").to_pylist(), np.float32), ref.features).min() > 0.9999
+
+
 def test_index_refuses_to_mix_int8_and_fp32(onnx_cache: Path, calib: Path, desc: Descriptor, image_dir: Path,
                                             tmp_path: Path) -> None:
     from cbir.index import Index

@@ -55,7 +55,7 @@ def extract_on_ray(
         inputs, out, descriptor, address=address, workers=extraction.workers,
         cpus_per_worker=cpus_per_worker, batch_size=extraction.batch_size, block_rows=block_rows,
         engine=extraction.engine or DEFAULT_ENGINE, max_pixels=extraction.max_pixels,
-        progress=progress_enabled(extraction.quiet),
+        calibrate=extraction.calibrate, progress=progress_enabled(extraction.quiet),
     )  # fmt: skip
     output.write(
         f"{report.described} images described, {report.failed} failed in this run "

@@ -54,7 +54,7 @@ from cbir.distributed.embeddings import (
     write_shard,
 )
 from cbir.models.descriptor import Descriptor
-from cbir.runtime import DEFAULT_ENGINE
+from cbir.runtime import DEFAULT_ENGINE, for_engine
 
 
 @dataclass
@@ -117,13 +117,13 @@ class DescribeFiles:
         max_pixels: int | None,
         threads: int,
     ) -> None:
-        """``shipped``: an object reference to (descriptor file bytes, ONNX files or None,
-        sorted key digests of the rows already written), put in the object store once by the
-        driver and fetched once per actor. The model loads on the first block with work, so
+        """``shipped``: an object reference to (descriptor file bytes, engine, its ONNX files
+        or None, sorted key digests of the rows already written), put in the object store
+        once by the driver and fetched once per actor. The model loads on the first block with work, so
         a re-run of a finished job loads none."""
         import ray
 
-        self._descriptor_file, self._onnx_files, self._done = ray.get(shipped)
+        self._descriptor_file, self._engine, self._onnx_files, self._done = ray.get(shipped)
         self.base, self.shard_dir = base, shard_dir
         self.batch_size, self.max_pixels, self.cpus = batch_size, max_pixels, threads
         self.runner: Any = None
@@ -138,11 +138,11 @@ class DescribeFiles:
         path = Path(self._dir) / "descriptor.cbir"
         path.write_bytes(self._descriptor_file)
         self.descriptor = Descriptor.load(path)
-        if self._onnx_files:  # the driver's verified export: no export per actor
+        if self._onnx_files:  # the driver's verified export (and int8 graph): none per actor
             for name, data in self._onnx_files.items():
                 (Path(self._dir) / name).write_bytes(data)
             self.runner = make_runner(  # the CPUs it holds, laid out as one machine's cores
-                self.descriptor, "onnx", cache_dir=self._dir, threads=self.cpus, lanes=auto_lanes(self.cpus),
+                self.descriptor, self._engine, cache_dir=self._dir, threads=self.cpus, lanes=auto_lanes(self.cpus),
                 verbose=False,
             )  # fmt: skip
         else:
@@ -311,24 +311,28 @@ def _count_lines(path: str) -> int:
 
 
 def _onnx_files(descriptor: Descriptor, engine: str) -> tuple[dict[str, bytes] | None, str]:
-    """The verified ONNX export (exported here once, if not cached), shipped to the actors;
-    None and ``torch`` when the ONNX engine cannot serve this descriptor."""
-    if engine == "onnx-int8":
-        from cbir.runtime import EngineUnavailable
-
-        raise EngineUnavailable("--engine onnx-int8 is not available with --ray yet: use onnx or torch")
-    if engine != "onnx":
+    """The verified ONNX export (exported here once, if not cached) and, for ``onnx-int8``,
+    the int8 graph (quantised here once), shipped to the actors; None and ``torch`` when
+    the fp32 ONNX engine cannot serve this descriptor. ``onnx-int8`` never falls back: its
+    vectors are not the float engines' (``descriptor`` carries its numerics already)."""
+    if engine not in ("onnx", "onnx-int8"):
         return None, "torch"
     from cbir.runtime import EngineUnavailable
     from cbir.runtime.onnx_runner import cached_model
 
     try:
-        path, _ = cached_model(descriptor)
+        paths = [cached_model(descriptor)[0]]
     except EngineUnavailable as exc:
+        if engine == "onnx-int8":
+            raise
         print(f"onnx engine unavailable for {descriptor.describe_name()}: {exc}; using torch", file=sys.stderr)
         return None, "torch"
-    meta = path.with_suffix(".json")
-    return {path.name: path.read_bytes(), meta.name: meta.read_bytes()}, "onnx"
+    if engine == "onnx-int8":
+        from cbir.runtime.quantize import int8_model
+
+        paths.append(int8_model(descriptor)[0])
+    files = [f for p in paths for f in (p, p.with_suffix(".json"))]
+    return {f.name: f.read_bytes() for f in files}, engine
 
 
 def extract_with_ray(
@@ -343,15 +347,19 @@ def extract_with_ray(
     block_rows: int = BLOCK_ROWS,
     engine: str = DEFAULT_ENGINE,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    calibrate: str | os.PathLike | None = None,
     progress: bool = True,
 ) -> DistributedReport:
     """Describe every image of ``inputs`` (folders or LIST.txt files) on a Ray cluster into
     the embeddings folder ``out_dir``; rows already there (same path, size, mtime) are kept.
 
     ``workers``: describing actors (default: the cluster's CPUs / ``cpus_per_worker``);
-    ``block_rows``: listed paths per actor call, i.e. per Parquet shard at most.
+    ``block_rows``: listed paths per actor call, i.e. per Parquet shard at most;
+    ``calibrate``: the onnx-int8 engine's calibration images (quantised once, here).
     """
     from cbir.index.locks import BusyError, FileLock
+
+    descriptor = for_engine(descriptor, engine, calibrate)  # the folder's identity says int8 or not
 
     start = time.perf_counter()
     folder = EmbeddingsFolder(out_dir)
@@ -401,7 +409,7 @@ def _run_pipeline(
     n_workers = workers or fits
     onnx_files, used = _onnx_files(descriptor, engine)
     ds, base = _file_list(ray, inputs, block_rows, n_workers)
-    shipped = ray.put((folder.descriptor_path.read_bytes(), onnx_files, folder.done_keys()))
+    shipped = ray.put((folder.descriptor_path.read_bytes(), used, onnx_files, folder.done_keys()))
     results = ds.map_batches(
         DescribeFiles,
         fn_constructor_kwargs={
