@@ -119,8 +119,8 @@ class DescribeFiles:
     ) -> None:
         """``shipped``: an object reference to (descriptor file bytes, engine, its ONNX files
         or None, sorted key digests of the rows already written), put in the object store
-        once by the driver and fetched once per actor. The model loads on the first block with work, so
-        a re-run of a finished job loads none."""
+        once by the driver and fetched once per actor. The model loads on the first block
+        with work, so a re-run of a finished job loads none."""
         import ray
 
         self._descriptor_file, self._engine, self._onnx_files, self._done = ray.get(shipped)
