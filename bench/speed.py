@@ -58,20 +58,28 @@ ROOT = Path(__file__).resolve().parents[1]
 # part 1: extraction
 # ----------------------------------------------------------------------------------------
 
+def best_model_only(rate: dict[str, float], engines: list[str]) -> dict[str, float]:
+    """Each engine's ceiling in one set of rates: its best model-only layout."""
+    return {e: max(v for m, v in rate.items() if m.startswith(f"{e} model only")) for e in engines}
+
+
+def shares_of_ceiling(rate: dict[str, float], engines: list[str]) -> dict[str, float]:
+    """Each end-to-end row's rate over its engine's ceiling, in one set of rates."""
+    best = best_model_only(rate, engines)
+    return {m: v / best[m.split(",")[0]] for m, v in rate.items()
+            if m.split(",")[0] in best and "model only" not in m}  # fmt: skip
+
+
 def per_repeat_shares(rates: dict[str, list[float]], engines: list[str]) -> dict[str, list[float]]:
-    """Each end-to-end row's share of its engine's best model-only rate in the same repeat.
+    """:func:`shares_of_ceiling` within each repeat.
 
     The host's speed drifts by tens of percent over minutes here; within one repeat the
     rows of an engine run back to back, so these shares are less exposed to the drift than
     the ratio of medians taken over the whole run."""
-    out = {}
-    for m, rs in rates.items():
-        engine = m.split(",")[0]
-        if engine not in engines or "model only" in m:
-            continue
-        layouts = [r for k, r in rates.items() if k.startswith(f"{engine} model only")]
-        out[m] = [rs[i] / max(r[i] for r in layouts) for i in range(len(rs))]
-    return out
+    repeats = len(next(iter(rates.values())))
+    each = [shares_of_ceiling({m: r[i] for m, r in rates.items()}, engines) for i in range(repeats)]
+    return {m: [s[m] for s in each] for m in each[0]}
+
 
 def naive_loop(desc, files: list[Path], batch_size: int = 32) -> np.ndarray:
     """The baseline of the issue: decode, resize and run the model one batch at a time."""
@@ -196,7 +204,7 @@ def bench_extract(args: argparse.Namespace) -> dict:
     rates = {m: [len(files) / t for t in ts] for m, ts in times.items()}
     med = {m: statistics.median(r) for m, r in rates.items()}
     # an engine's ceiling: its best model-only layout (what the hardware gives this model)
-    ceiling = {e: max(v for m, v in med.items() if m.startswith(f"{e} model only")) for e in runners}
+    ceiling = best_model_only(med, list(runners))
     out = {
         "images": len(files), "workers": workers, "repeats": args.repeats,
         "batch_size": args.batch_size,
@@ -205,8 +213,7 @@ def bench_extract(args: argparse.Namespace) -> dict:
         "ratio_to_naive_tuned": {m: med[m] / med["naive, tuned malloc"] for m in med},
         "cpu_seconds": cpu,
         "ceiling": ceiling,
-        "fraction_of_ceiling": {m: med[m] / ceiling[m.split(",")[0]] for m in med
-                                if m.split(",")[0] in ceiling and "model only" not in m},
+        "fraction_of_ceiling": shares_of_ceiling(med, list(ceiling)),
         "fraction_of_ceiling_per_repeat": per_repeat_shares(rates, list(ceiling)),
         "lanes": lanes,
         "int8_over_fp32_onnx": med["onnx-int8"] / med["onnx"],

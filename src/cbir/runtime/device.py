@@ -59,11 +59,9 @@ def plan_lanes(lanes: int | str | None, threads: int | None, device: str) -> tup
         return 1, total
     if lanes is None or lanes == "auto":
         lanes = auto_lanes(usable_cores()) if threads is None else 1
-    whole = (isinstance(lanes, int) and not isinstance(lanes, bool)) or (isinstance(lanes, str) and lanes.isdigit())
-    n = int(lanes) if whole else 0
-    if n < 1:
+    if isinstance(lanes, bool) or not str(lanes).isdigit() or int(lanes) < 1:
         raise ValueError(f"lanes must be 'auto' or a positive integer, got {lanes!r}")
-    return n, max(1, total // n)
+    return int(lanes), max(1, total // int(lanes))
 
 
 def torch_cuda_available() -> bool:
