@@ -79,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--sampling", choices=["image", "class"], default=CPU["sampling"])
     ap.add_argument("--augment", action="store_true", help="random crop + flip of training images")
+    ap.add_argument("--distill", type=float, default=0.0, help="feature distillation weight (0: none)")
     ap.add_argument("--whiten", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
@@ -115,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         sampling=args.sampling,
         augment=args.augment,
         whiten=args.whiten,
+        distill=args.distill,
         seed=args.seed,
         keep="best",
         time_limit=args.minutes * 60,

@@ -109,6 +109,39 @@ def test_interpolation_endpoints_reproduce_the_two_networks(tiny_model_file: Pat
     assert r0.meta["trained"]["interpolation"]["alpha"] == 0.0
 
 
+def _drift(model: Path, tuned: Descriptor, data) -> float:
+    """Mean squared distance between the starting and the tuned network's descriptors of ``data``."""
+    t = Trainer(tiny(model), data, progress=False)
+    every = np.arange(len(data))
+    start = t.embed(data, every, t.infer_pre)
+    t.desc.load_state_dict(tuned.state_dict())
+    return float(((t.embed(data, every, t.infer_pre) - start) ** 2).sum(axis=1).mean())
+
+
+def test_distillation_keeps_the_network_near_its_start(tiny_model_file: Path, tmp_path: Path) -> None:
+    data = load_train_data([make_classes(tmp_path / "d")])
+    free = train(tiny(tiny_model_file, epochs=3), data, progress=False).descriptor
+    held = train(tiny(tiny_model_file, epochs=3, distill=1000.0), data, progress=False).descriptor
+    d_held, d_free = _drift(tiny_model_file, held, data), _drift(tiny_model_file, free, data)
+    assert 0 < d_held < 0.5 * d_free
+    # the starting network's descriptor of an image is computed once and kept, and is what
+    # the starting network gives that image
+    trainer = Trainer(tiny(tiny_model_file, distill=1.0), data, progress=False)
+    tuples = trainer.mine(1)
+    trainer.train_epoch(tuples, 1)
+    used = {int(i) for i in np.concatenate([tuples.queries, tuples.positives, tuples.negatives.ravel()]) if i >= 0}
+    assert len(trainer.distiller) == len(used)
+    some = sorted(used)[:3]
+    want = trainer.embed(data, np.array(some), trainer.infer_pre)  # trained weights: must differ
+    kept = torch.stack([trainer.distiller._kept[i] for i in some]).numpy()
+    trainer.desc.load_state_dict(trainer.initial_state)
+    start = trainer.embed(data, np.array(some), trainer.infer_pre)
+    np.testing.assert_allclose(kept, start, atol=1e-5)
+    assert not np.allclose(kept, want, atol=1e-5)
+    with pytest.raises(ValueError, match="distillation"):
+        tiny(tiny_model_file, distill=-1.0)
+
+
 def test_interpolation_auto_picks_the_best_validation_weight() -> None:
     best, scores = choose_alpha(lambda a: 1 - (a - 0.6) ** 2)
     assert best == 0.6 and len(scores) >= 5

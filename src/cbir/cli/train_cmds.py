@@ -123,6 +123,14 @@ def train_cmd(
             "being the fine-tuned share, or 'auto' to choose A on validation (use --holdout with it).",
         ),
     ] = None,
+    distill: Annotated[
+        float,
+        typer.Option(
+            "--distill",
+            help="Against forgetting: weight W of a loss term W * |f(x) - f0(x)|^2 keeping each training image's "
+            "descriptor near the starting network's f0 (0: none). Combines with --interpolate.",
+        ),
+    ] = 0.0,
     device: Annotated[
         str, typer.Option("--device", help="Where training runs: auto (a GPU when torch sees one), cpu, cuda.")
     ] = "auto",
@@ -205,7 +213,7 @@ def train_cmd(
         model=model or DEFAULT_BACKBONE, pooling=pooling, chunk=chunk,
         val_fraction=0.0 if val is not None else val_fraction, stratify=stratify, seed=seed, whiten=whiten,
         whiten_dim=whiten_dim, keep=keep, time_limit=time_limit * 60 if time_limit else None, patience=patience,
-        interpolate=interpolate, device=device,
+        interpolate=interpolate, distill=distill, device=device,
     )  # fmt: skip
     if json_out:
         output.emit_json({

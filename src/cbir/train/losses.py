@@ -8,6 +8,12 @@
   ``sum_n max(0, margin + ||q - p||^2 - ||q - n||^2)``.
 
 Both return the mean over the tuples of a batch of the per-tuple sums.
+
+- Feature distillation (against forgetting; the "feature-map" / embedding distillation of
+  e.g. Wei et al. 2022, "Contrastive learning rivals masked image modeling in fine-tuning via
+  feature distillation", in its simplest form): ``mean_i ||f(x_i) - f_0(x_i)||^2``, the
+  squared distance between each training image's descriptor under the network being trained
+  and under the frozen network it started from.
 """
 
 from __future__ import annotations
@@ -65,6 +71,13 @@ def triplet_loss(
     d_pos = (q - p).pow(2).sum(dim=1, keepdim=True)
     d_neg = (q.unsqueeze(1) - n).pow(2).sum(dim=2)
     return ((margin + d_pos - d_neg).clamp(min=0) * m).sum(dim=1).mean()
+
+
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Mean over images of the squared L2 distance between two N x D descriptor batches."""
+    if student.shape != teacher.shape or student.dim() != 2:
+        raise ValueError(f"expected two N x D batches, got {tuple(student.shape)}, {tuple(teacher.shape)}")
+    return (student - teacher.detach()).pow(2).sum(dim=1).mean()
 
 
 def tuple_loss(name: str, margin: float | None = None):

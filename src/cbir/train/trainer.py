@@ -41,8 +41,9 @@ from cbir.models.whitening import Whitening, fit_learned_whitening, fit_pca_whit
 from cbir.runtime.device import DEVICES, resolve_device
 from cbir.train.augment import augment_array
 from cbir.train.data import ImageCache, TrainData, TrainDataError, split_by_class, with_holdout
+from cbir.train.distillation import Distiller
 from cbir.train.interpolation import AUTO_ALPHAS, choose_alpha, interpolate_state, parse_interpolate
-from cbir.train.losses import DEFAULT_MARGINS, LOSSES, tuple_loss
+from cbir.train.losses import DEFAULT_MARGINS, LOSSES, distillation_loss, tuple_loss
 from cbir.train.mining import SAMPLINGS, EpochTuples, mine_epoch
 
 CHECKPOINT_FORMAT = "cbir-train-checkpoint"
@@ -85,6 +86,8 @@ class TrainConfig:
     #: WiSE-FT weight of the fine-tuned network (0 = off the shelf, 1 = fine-tuned), 'auto' =
     #: chosen on validation, None = no interpolation
     interpolate: float | str | None = None
+    #: weight of feature distillation towards the starting network (cbir.train.distillation); 0 = none
+    distill: float = 0.0
     device: str = "auto"  # where training runs: auto (a GPU torch sees, else the CPU), cpu, cuda
     recipe: str | None = None  # the recipe the unset settings came from (cbir.train.recipes), for the record
 
@@ -107,6 +110,8 @@ class TrainConfig:
             raise ValueError("freeze must be a fraction in [0, 1)")
         if self.image_size is not None and self.image_size < 16:
             raise ValueError("image size must be at least 16")
+        if self.distill < 0:
+            raise ValueError("the distillation weight must be at least 0")
         if self.patience is not None and self.patience < 1:
             raise ValueError("patience must be at least 1 epoch")
 
@@ -298,6 +303,7 @@ class Trainer:
             self.desc.to(self.device)
         #: the network before fine-tuning: one end of --interpolate's line
         self.initial_state = {k: v.detach().clone() for k, v in self.desc.state_dict().items()}
+        self.distiller = Distiller(self.desc, config.distill) if config.distill > 0 else None
         self.optimizer, self.scheduler = build_optimizer(self.desc, config)
         self.loss_fn = tuple_loss(config.loss, config.margin)
         self.epoch = 0
@@ -381,9 +387,13 @@ class Trainer:
             arrays = [augment_array(a) for a in arrays]
         dev = self.device
         if len({a.shape for a in arrays}) == 1:
-            vecs = self.desc(self.train_pre.normalize(torch.from_numpy(np.stack(arrays)).to(dev)))
+            batches = [(imgs, self.train_pre.normalize(torch.from_numpy(np.stack(arrays)).to(dev)))]
         else:  # 'keep' preprocessing: images of different shapes go one by one
-            vecs = torch.cat([self.desc(self.train_pre.normalize(torch.from_numpy(a[None]).to(dev))) for a in arrays])
+            batches = [
+                ([i], self.train_pre.normalize(torch.from_numpy(a[None]).to(dev)))
+                for i, a in zip(imgs, arrays, strict=True)
+            ]
+        vecs = torch.cat([self.desc(x) for _, x in batches])
         qs, ps, ns, masks = [], [], [], []
         pos = 0
         for r in rows:
@@ -396,7 +406,12 @@ class Trainer:
             ns.append(neg)
             masks.append(torch.arange(k, device=vecs.device) < n_valid)
             pos += 2 + n_valid
-        return self.loss_fn(torch.stack(qs), torch.stack(ps), torch.stack(ns), torch.stack(masks))
+        loss = self.loss_fn(torch.stack(qs), torch.stack(ps), torch.stack(ns), torch.stack(masks))
+        if self.distiller is not None:  # an augmented crop is new each step: its target is too
+            fixed = not self.config.augment
+            targets = torch.cat([self.distiller.targets(ids, x, cacheable=fixed) for ids, x in batches])
+            loss = loss + self.distiller.weight * distillation_loss(vecs, targets)
+        return loss
 
     def train_epoch(self, tuples: EpochTuples, epoch: int) -> float:
         """One pass over ``tuples``: an optimizer step every ``batch_size`` tuples."""
