@@ -56,15 +56,8 @@ def test_keep_aspect_batches_are_full_and_single_shaped(
     assert "empty" in failures[10]
 
 
-@pytest.mark.parametrize("resampler", ["pillow", "torch"])
-def test_workers_and_inline_decode_give_identical_pixels(mixed_dir: list[Path], resampler: str) -> None:
-    """Forked workers resize like this process, PyTorch's kernel included (its thread pool
-    has run in this process before the fork)."""
-    import torch
-
-    torch.nn.functional.interpolate(torch.zeros(1, 3, 256, 256, dtype=torch.uint8), size=(300, 300),
-                                    mode="bilinear", antialias=True)  # fmt: skip
-    pre = Preprocess(size=40, resize="keep", resampler=resampler)
+def test_workers_and_inline_decode_give_identical_pixels(mixed_dir: list[Path]) -> None:
+    pre = Preprocess(size=40, resize="keep")
     inline = _collect(decoded_batches(mixed_dir, pre, batch_size=3, workers=0))
     pooled = _collect(decoded_batches(mixed_dir, pre, batch_size=3, workers=2, window=4))
     assert inline.keys() == pooled.keys() == set(range(10))
@@ -72,9 +65,8 @@ def test_workers_and_inline_decode_give_identical_pixels(mixed_dir: list[Path], 
         np.testing.assert_array_equal(inline[i], pooled[i])
 
 
-@pytest.mark.parametrize("resampler", ["pillow", "torch"])
 def test_threaded_inline_decode_gives_the_same_pixels_and_failures(
-    mixed_dir: list[Path], monkeypatch: pytest.MonkeyPatch, resampler: str
+    mixed_dir: list[Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """workers=0 decodes each batch with several threads: same pixels, same failures, in
     the same order as one thread; the threads really ran (more than one decoding thread)."""
@@ -90,7 +82,7 @@ def test_threaded_inline_decode_gives_the_same_pixels_and_failures(
         return real(*args, **kwargs)
 
     monkeypatch.setattr(ex, "_decode_one", spy)
-    pre = Preprocess(size=40, resize="squash", resampler=resampler)
+    pre = Preprocess(size=40, resize="squash")
     one = list(decoded_batches(mixed_dir, pre, batch_size=6, workers=0, threads=1))
     assert seen == {threading.get_ident()}
     seen.clear()

@@ -47,8 +47,6 @@ def init_worker(parent_pid: int) -> None:
             libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
     if os.getppid() != parent_pid:  # the parent died before the line above took effect
         os._exit(1)
-    if "torch" in sys.modules:  # a worker resizing with PyTorch's kernel uses one thread: there
-        sys.modules["torch"].set_num_threads(1)  # is one worker per core already
     if not _fds:
         return
     null = os.open(os.devnull, os.O_RDONLY)
