@@ -305,34 +305,3 @@ def test_preprocess_geometry_and_overrides() -> None:
     assert x.shape == (1, 3, 224, 224)
     expected_red = (1.0 - crop.mean[0]) / crop.std[0]
     assert float(x[0, 0, 0, 0]) == pytest.approx(expected_red, rel=1e-5)
-
-
-@pytest.mark.parametrize("policy", ["squash", "keep", "crop"])
-def test_torch_resampler_gives_pillows_geometry_within_two_levels(policy: str) -> None:
-    pil = Preprocess(size=96, resize=policy, crop=80 if policy == "crop" else None)  # type: ignore[arg-type]
-    fast = Preprocess.from_dict({**pil.to_dict(), "resampler": "torch"})
-    assert fast.resampler == "torch" and Preprocess.from_dict(fast.to_dict()) == fast
-    rng = np.random.default_rng(7)
-    differ = 0
-    for w, h in ((40, 30), (300, 197), (96, 96), (50, 260), (1000, 700)):
-        img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
-        a, b = pil.to_array(img), fast.to_array(img)
-        assert a.shape == b.shape and b.dtype == np.uint8 and b.flags.c_contiguous
-        assert np.abs(a.astype(int) - b).max() <= 2, (w, h)
-        differ += int(not np.array_equal(a, b))
-    assert differ >= 3  # another kernel really ran: an identity of its own is needed
-
-
-def test_the_resampler_is_in_the_identity_only_when_not_pillow() -> None:
-    # every descriptor made before the resampler existed keeps its file format and identity
-    assert "resampler" not in Preprocess().to_dict()
-    assert Preprocess.from_dict(Preprocess().to_dict()).resampler == "pillow"
-    a = build_descriptor("timm:resnet10t", pretrained=False, pooling="gem", image_size=64)
-    b = copy.copy(a)
-    b.preprocess = Preprocess.from_dict({**a.preprocess.to_dict(), "resampler": "torch"})
-    assert b.identity() != a.identity()  # other pixels, other vectors
-    assert b.base_identity() == a.base_identity()  # the same graph: one ONNX export serves both
-    with pytest.raises(ValueError, match="resampler"):
-        Preprocess(resampler="opencv")
-    with pytest.raises(ValueError, match="torch resampler"):
-        Preprocess(interpolation="lanczos", resampler="torch")

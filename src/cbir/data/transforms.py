@@ -24,14 +24,6 @@ _INTERPOLATIONS = {
     "nearest": Image.Resampling.NEAREST,
 }
 
-#: Who resizes: Pillow (what every float32 descriptor has always used), or PyTorch's uint8
-#: anti-aliased kernels, which implement Pillow's algorithm with SIMD and fixed-point
-#: weights of another precision: 2-4x faster, the same pixels or 1-2 levels apart. A
-#: descriptor's resampler is part of its identity; the int8 engine, whose vectors are
-#: already its own, uses "torch" (docs/performance.md).
-RESAMPLERS: tuple[str, ...] = ("pillow", "torch")
-_TORCH_MODES = {"bilinear": "bilinear", "bicubic": "bicubic"}
-
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -53,7 +45,6 @@ class Preprocess:
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     interpolation: str = "bilinear"
-    resampler: str = "pillow"
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
@@ -61,10 +52,6 @@ class Preprocess:
             raise ValueError(f"resize must be one of {RESIZE_POLICIES}, got {self.resize!r}")
         if self.interpolation not in _INTERPOLATIONS:
             raise ValueError(f"interpolation must be one of {sorted(_INTERPOLATIONS)}")
-        if self.resampler not in RESAMPLERS:
-            raise ValueError(f"resampler must be one of {RESAMPLERS}, got {self.resampler!r}")
-        if self.resampler == "torch" and self.interpolation not in _TORCH_MODES:
-            raise ValueError(f"the torch resampler does {' and '.join(_TORCH_MODES)} only, not {self.interpolation}")
         if self.size < 1:
             raise ValueError("size must be positive")
         if self.crop is not None and not 1 <= self.crop <= self.size:
@@ -93,18 +80,14 @@ class Preprocess:
     def to_array(self, img: Image.Image) -> np.ndarray:
         """Resize (and crop) to uint8 HxWx3: the cheap form that crosses process boundaries."""
         tw, th = self.resized_size(*img.size)
-        if (tw, th) == img.size:
-            arr = np.asarray(img, dtype=np.uint8)
-        elif self.resampler == "torch":
-            arr = _torch_resize(np.array(img, dtype=np.uint8), (tw, th), _TORCH_MODES[self.interpolation])
-        else:
-            arr = np.asarray(img.resize((tw, th), _INTERPOLATIONS[self.interpolation]), dtype=np.uint8)
+        if (tw, th) != img.size:
+            img = img.resize((tw, th), _INTERPOLATIONS[self.interpolation])
         if self.resize == "crop":
             c = self.crop or self.size
             left = max(0, (tw - c) // 2)
             top = max(0, (th - c) // 2)
-            arr = arr[top : top + c, left : left + c]  # Pillow's crop of the same box
-        return np.ascontiguousarray(arr)
+            img = img.crop((left, top, left + c, top + c))
+        return np.asarray(img, dtype=np.uint8)
 
     def normalize(self, batch: torch.Tensor) -> torch.Tensor:
         """uint8 BxHxWx3 -> float32 Bx3xHxW, mean/std normalised."""
@@ -120,8 +103,6 @@ class Preprocess:
     # -- (de)serialisation ----------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        if d["resampler"] == "pillow":  # written only when not Pillow: every older identity stays
-            del d["resampler"]
         d["mean"] = list(self.mean)
         d["std"] = list(self.std)
         return d
@@ -143,14 +124,3 @@ class Preprocess:
         if "size" in changes and "crop" not in changes and self.crop:
             changes["crop"] = max(1, round(self.crop * changes["size"] / self.size))
         return replace(self, **changes)
-
-
-def _torch_resize(arr: np.ndarray, size: tuple[int, int], mode: str) -> np.ndarray:
-    """uint8 H x W x 3 -> uint8 h x w x 3 (``size`` = (w, h)) by PyTorch's anti-aliased kernel.
-
-    The H x W x 3 array viewed as 1 x 3 x H x W is channels-last, the layout PyTorch's
-    vectorised uint8 path takes, with no copy either way."""
-    x = torch.from_numpy(arr).permute(2, 0, 1).unsqueeze(0)
-    with torch.inference_mode():
-        y = torch.nn.functional.interpolate(x, size=(size[1], size[0]), mode=mode, antialias=True, align_corners=False)
-    return y[0].permute(1, 2, 0).numpy()

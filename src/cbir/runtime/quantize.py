@@ -37,7 +37,7 @@ import json
 import os
 import sys
 import tempfile
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -49,9 +49,6 @@ from cbir.models.descriptor import Descriptor
 from cbir.runtime.runner import EngineUnavailable, Runner, read_cached_model
 
 ENGINE = "onnx-int8"
-#: How the int8 engine's descriptors resize (cbir.data.transforms.RESAMPLERS): on two cores
-#: Pillow's resize was about a quarter of the int8 pipeline's CPU time (docs/performance.md)
-INT8_RESAMPLER = "torch"
 #: Bumped whenever the quantisation recipe changes, so stale cache entries are not reused.
 QUANT_VERSION = 4
 #: Calibration images (spread evenly over the calibration folder's sorted files).
@@ -139,10 +136,6 @@ def int8_descriptor(descriptor: Descriptor, calibrate: str | os.PathLike | None 
     out = copy.copy(descriptor)  # shares the modules (weights), not the attributes
     out.meta = {**descriptor.meta, "calibration_dir": os.path.abspath(cal.root)}
     out.numerics = {"engine": ENGINE, "calibration": cal.digest}
-    if descriptor.preprocess.interpolation in ("bilinear", "bicubic"):
-        # int8 vectors are the engine's own already: resizing with PyTorch's kernel (1-2
-        # levels from Pillow's, 2-4x faster) costs no index an identity it had
-        out.preprocess = replace(descriptor.preprocess, resampler=INT8_RESAMPLER)
     return out
 
 
