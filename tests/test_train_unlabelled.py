@@ -138,6 +138,9 @@ def test_distillation_keeps_the_network_near_its_start(tiny_model_file: Path, tm
     start = trainer.embed(data, np.array(some), trainer.infer_pre)
     np.testing.assert_allclose(kept, start, atol=1e-5)
     assert not np.allclose(kept, want, atol=1e-5)
+    # an augmented crop is new at every step: its target is computed, never kept
+    aug = Trainer(tiny(tiny_model_file, distill=1.0, augment=True), data, progress=False)
+    assert np.isfinite(aug.train_epoch(aug.mine(1), 1)) and len(aug.distiller) == 0
     with pytest.raises(ValueError, match="distillation"):
         tiny(tiny_model_file, distill=-1.0)
 
