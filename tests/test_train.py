@@ -77,6 +77,21 @@ def test_contrastive_loss_matches_the_formula() -> None:
     assert masked.item() == pytest.approx(0.5 * d_pos2, rel=1e-5)
 
 
+def test_tuples_unpack_in_the_order_they_were_laid_out() -> None:
+    from cbir.train.losses import unpack_tuples
+    from cbir.train.mining import EpochTuples
+
+    t = EpochTuples(queries=np.array([0, 5]), positives=np.array([1, 6]),
+                    negatives=np.array([[2, 3], [7, -1]]), mean_negative_similarity=0.0)  # fmt: skip
+    imgs = t.images(np.array([0, 1]))
+    assert imgs == [0, 1, 2, 3, 5, 6, 7]
+    vecs = torch.arange(len(imgs), dtype=torch.float32)[:, None].repeat(1, 2)  # row i holds image imgs[i]
+    q, p, n, mask = unpack_tuples(vecs, [2, 1], 2)
+    assert q[:, 0].tolist() == [0, 4] and p[:, 0].tolist() == [1, 5]
+    assert n[..., 0].tolist() == [[2, 3], [6, 4]]  # the missing negative is the query, masked out
+    assert mask.tolist() == [[True, True], [True, False]]
+
+
 def test_triplet_loss_matches_the_formula() -> None:
     q = torch.tensor([[1.0, 0.0]])
     p = torch.tensor([[0.6, 0.8]])

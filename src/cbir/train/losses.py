@@ -73,6 +73,24 @@ def triplet_loss(
     return ((margin + d_pos - d_neg).clamp(min=0) * m).sum(dim=1).mean()
 
 
+def unpack_tuples(vecs: torch.Tensor, found: list[int], k: int) -> tuple[torch.Tensor, ...]:
+    """Descriptors laid out as :meth:`cbir.train.mining.EpochTuples.images` gives them (per
+    tuple: query, positive, ``found[t]`` negatives) -> q, p (B x D), negatives (B x K x D) and
+    the mask of real negatives (B x K); missing negatives are the query, masked out."""
+    qs, ps, ns, masks = [], [], [], []
+    pos = 0
+    for n_valid in found:
+        qs.append(vecs[pos])
+        ps.append(vecs[pos + 1])
+        neg = vecs[pos + 2 : pos + 2 + n_valid]
+        if n_valid < k:
+            neg = torch.cat([neg, vecs[pos : pos + 1].expand(k - n_valid, -1)])
+        ns.append(neg)
+        masks.append(torch.arange(k, device=vecs.device) < n_valid)
+        pos += 2 + n_valid
+    return torch.stack(qs), torch.stack(ps), torch.stack(ns), torch.stack(masks)
+
+
 def distillation_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """Mean over images of the squared L2 distance between two N x D descriptor batches."""
     if student.shape != teacher.shape or student.dim() != 2:

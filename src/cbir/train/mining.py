@@ -70,6 +70,14 @@ class EpochTuples:
     def __len__(self) -> int:
         return len(self.queries)
 
+    def images(self, rows: np.ndarray) -> list[int]:
+        """The images of tuples ``rows`` in the order the loss reads them: for each tuple its
+        query, its positive, then its negatives (only those found)."""
+        out: list[int] = []
+        for r in rows:
+            out.extend([int(self.queries[r]), int(self.positives[r]), *(int(n) for n in self.negatives[r] if n >= 0)])
+        return out
+
 
 SAMPLINGS = ("image", "class")
 

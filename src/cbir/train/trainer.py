@@ -43,7 +43,7 @@ from cbir.train.augment import augment_array
 from cbir.train.data import ImageCache, TrainData, TrainDataError, split_by_class, with_holdout
 from cbir.train.distillation import Distiller
 from cbir.train.interpolation import AUTO_ALPHAS, choose_alpha, interpolate_state, parse_interpolate
-from cbir.train.losses import DEFAULT_MARGINS, LOSSES, distillation_loss, tuple_loss
+from cbir.train.losses import DEFAULT_MARGINS, LOSSES, distillation_loss, tuple_loss, unpack_tuples
 from cbir.train.mining import SAMPLINGS, EpochTuples, mine_epoch
 
 CHECKPOINT_FORMAT = "cbir-train-checkpoint"
@@ -377,11 +377,7 @@ class Trainer:
 
     def tuple_forward(self, tuples: EpochTuples, rows: np.ndarray) -> torch.Tensor:
         """Loss (mean over ``rows``) for the given tuples, with gradients."""
-        k = tuples.negatives.shape[1]
-        imgs: list[int] = []
-        for r in rows:
-            negs = [int(n) for n in tuples.negatives[r] if n >= 0]
-            imgs.extend([int(tuples.queries[r]), int(tuples.positives[r]), *negs])
+        imgs = tuples.images(rows)
         arrays = [self.cache.get(self.train_data.files[i], self.train_pre) for i in imgs]
         if self.config.augment:
             arrays = [augment_array(a) for a in arrays]
@@ -394,19 +390,8 @@ class Trainer:
                 for i, a in zip(imgs, arrays, strict=True)
             ]
         vecs = torch.cat([self.desc(x) for _, x in batches])
-        qs, ps, ns, masks = [], [], [], []
-        pos = 0
-        for r in rows:
-            n_valid = int((tuples.negatives[r] >= 0).sum())
-            qs.append(vecs[pos])
-            ps.append(vecs[pos + 1])
-            neg = vecs[pos + 2 : pos + 2 + n_valid]
-            if n_valid < k:  # pad with the query itself, masked out of the loss
-                neg = torch.cat([neg, vecs[pos : pos + 1].expand(k - n_valid, -1)])
-            ns.append(neg)
-            masks.append(torch.arange(k, device=vecs.device) < n_valid)
-            pos += 2 + n_valid
-        loss = self.loss_fn(torch.stack(qs), torch.stack(ps), torch.stack(ns), torch.stack(masks))
+        found = [int((tuples.negatives[r] >= 0).sum()) for r in rows]
+        loss = self.loss_fn(*unpack_tuples(vecs, found, tuples.negatives.shape[1]))
         if self.distiller is not None:  # an augmented crop is new each step: its target is too
             fixed = not self.config.augment
             targets = torch.cat([self.distiller.targets(ids, x, cacheable=fixed) for ids, x in batches])
