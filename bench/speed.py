@@ -13,6 +13,8 @@ medians and their ratios are reported:
 - ``onnx``/``onnx-int8`` run in the layout extraction picks by itself: on two cores, two
   lanes (two one-thread model calls side by side, :func:`cbir.runtime.device.plan_lanes`);
   ``..., 1 lane`` rows run the same extraction with one call on every core;
+- ``onnx-int8, Pillow resize``: the int8 engine with Pillow's resize instead of its own
+  (OpenCV's, :data:`cbir.runtime.quantize.INT8_RESAMPLER`): what that choice buys;
 - ``onnx model only``, ``onnx-int8 model only``: the engine's runner on pre-decoded uint8
   batches, one call on every core, and ``..., N lanes``: N one-thread calls at once. An
   engine's ceiling is the better of its model-only layouts.
@@ -37,6 +39,8 @@ Writes bench/results/speed.json.
 from __future__ import annotations
 
 import argparse
+import copy
+import dataclasses
 import functools
 import json
 import os
@@ -153,8 +157,13 @@ def bench_extract(args: argparse.Namespace) -> dict:
         done = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True)
         return float(done.stdout.strip().splitlines()[-1])
 
-    def t_engine(engine: str, workers: int = workers, one_lane: bool = False) -> float:
-        d = desc8 if engine == "onnx-int8" else desc
+    # the int8 engine resizes with OpenCV; the same engine resizing with Pillow, as
+    # the float32 engines do, says in the same run what that choice buys
+    desc8_pillow = copy.copy(desc8)
+    desc8_pillow.preprocess = dataclasses.replace(desc8.preprocess, resampler="pillow")
+
+    def t_engine(engine: str, workers: int = workers, one_lane: bool = False, d=None) -> float:
+        d = d or (desc8 if engine == "onnx-int8" else desc)
         runner = runners[engine] if one_lane else None  # None: extract makes its own (lanes auto)
         res = extract(d, files, engine=engine, device="cpu", calibrate=args.calibrate, workers=workers,
                       batch_size=args.batch_size, progress=False, runner=runner)
@@ -182,6 +191,8 @@ def bench_extract(args: argparse.Namespace) -> dict:
         methods[engine] = functools.partial(t_engine, engine)
         if args.also_workers is not None and args.also_workers != workers:  # the other decode layout, same run
             methods[f"{engine}, -j {args.also_workers}"] = functools.partial(t_engine, engine, args.also_workers)
+        if engine == "onnx-int8":
+            methods[f"{engine}, Pillow resize"] = functools.partial(t_engine, engine, d=desc8_pillow)
         if engine != "torch" and lanes > 1:  # the one-call-on-every-core layout, same run
             methods[f"{engine}, 1 lane"] = functools.partial(t_engine, engine, one_lane=True)
         if engine != "torch":
@@ -230,7 +241,7 @@ def bench_extract(args: argparse.Namespace) -> dict:
               f"median {statistics.median(fs):.0%}")
     print(f"onnx-int8 / onnx end to end = {out['int8_over_fp32_onnx']:.2f}x "
           f"(model only {out['int8_model_only_over_fp32_model_only']:.2f}x)")
-    out["breakdown"] = breakdown(desc, files, predecoded, runners, args.batch_size)
+    out["breakdown"] = breakdown(desc, files, predecoded, runners, args.batch_size, desc8.preprocess)
     if args.ceiling_batches:
         out["model_only_by_batch"] = {
             e: model_only_by_batch(runners[e], predecoded, [int(b) for b in args.ceiling_batches.split(",")],
@@ -240,21 +251,30 @@ def bench_extract(args: argparse.Namespace) -> dict:
     return out
 
 
-def breakdown(desc, files: list[Path], predecoded: list[np.ndarray], runners: dict, batch_size: int) -> dict:
+def breakdown(desc, files: list[Path], predecoded: list[np.ndarray], runners: dict, batch_size: int,
+              int8_pre) -> dict:
     """Milliseconds per image of each stage, one after the other in this process (one
     core for the decode stages, every core for the model): where end-to-end time goes."""
     import pickle
 
-    from cbir.data.decode import load_image
+    from cbir.data.decode import load_image, load_pixels
 
     pre = desc.preprocess
     stages: dict[str, float] = {}
     t = time.perf_counter()
-    images = [load_image(f, target_size=pre.resized_size) for f in files]
+    for f in files:
+        load_image(f, target_size=pre.resized_size)
     stages["decode (Pillow, JPEG draft mode)"] = time.perf_counter() - t
     t = time.perf_counter()
-    arrays = [pre.to_array(im) for im in images]
-    stages["resize + to array"] = time.perf_counter() - t
+    pixels = [load_pixels(f, target_size=pre.resized_size) for f in files]
+    stages["decode (what extraction uses: simplejpeg)"] = time.perf_counter() - t
+    t = time.perf_counter()
+    arrays = [pre.to_array(px) for px in pixels]
+    stages["resize (Pillow: the float32 engines')"] = time.perf_counter() - t
+    t = time.perf_counter()
+    for px in pixels:
+        int8_pre.to_array(px)
+    stages[f"resize ({int8_pre.resampler}: the int8 engine's)"] = time.perf_counter() - t
     t = time.perf_counter()
     for s in range(0, len(arrays), batch_size):
         pickle.loads(pickle.dumps(np.stack(arrays[s : s + batch_size]), protocol=pickle.HIGHEST_PROTOCOL))

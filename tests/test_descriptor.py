@@ -305,3 +305,42 @@ def test_preprocess_geometry_and_overrides() -> None:
     assert x.shape == (1, 3, 224, 224)
     expected_red = (1.0 - crop.mean[0]) / crop.std[0]
     assert float(x[0, 0, 0, 0]) == pytest.approx(expected_red, rel=1e-5)
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+@pytest.mark.parametrize("policy", ["squash", "keep", "crop"])
+def test_opencv_resampler_gives_pillows_geometry_and_nearly_its_pixels(policy: str, interpolation: str) -> None:
+    pil = Preprocess(size=96, resize=policy, crop=80 if policy == "crop" else None,  # type: ignore[arg-type]
+                     interpolation=interpolation)
+    fast = Preprocess.from_dict({**pil.to_dict(), "resampler": "opencv"})
+    assert fast.resampler == "opencv" and Preprocess.from_dict(fast.to_dict()) == fast
+    rng = np.random.default_rng(7)
+    yy, xx = np.mgrid[0:1000, 0:1000]
+    smooth = np.stack([(xx * 0.25) % 256, (yy * 0.25) % 256, ((xx + yy) * 0.125) % 256], -1).astype(np.uint8)
+    differ = 0
+    # growing, shrinking, both at once (squash of a tall or wide image), unchanged
+    for w, h in ((40, 30), (300, 197), (96, 96), (50, 260), (260, 50), (1000, 700)):
+        noise = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        a, b = pil.to_array(Image.fromarray(noise)), fast.to_array(noise)  # an image or its array
+        assert a.shape == b.shape and b.dtype == np.uint8 and b.flags.c_contiguous
+        np.testing.assert_array_equal(fast.to_array(Image.fromarray(noise)), b)
+        differ += int(not np.array_equal(a, b))
+        # on a smooth image the two filters agree closely (on noise, only the geometry can)
+        a, b = pil.to_array(Image.fromarray(smooth[:h, :w])), fast.to_array(smooth[:h, :w])
+        assert np.abs(a.astype(int) - b).mean() < 2.0, (w, h)
+    assert differ >= 4  # another kernel really ran: an identity of its own is needed
+
+
+def test_the_resampler_is_in_the_identity_only_when_not_pillow() -> None:
+    # every descriptor made before the resampler existed keeps its file format and identity
+    assert "resampler" not in Preprocess().to_dict()
+    assert Preprocess.from_dict(Preprocess().to_dict()).resampler == "pillow"
+    a = build_descriptor("timm:resnet10t", pretrained=False, pooling="gem", image_size=64)
+    b = copy.copy(a)
+    b.preprocess = Preprocess.from_dict({**a.preprocess.to_dict(), "resampler": "opencv"})
+    assert b.identity() != a.identity()  # other pixels, other vectors
+    assert b.base_identity() == a.base_identity()  # the same graph: one ONNX export serves both
+    with pytest.raises(ValueError, match="resampler"):
+        Preprocess(resampler="torch")
+    with pytest.raises(ValueError, match="opencv resampler"):
+        Preprocess(interpolation="nearest", resampler="opencv")

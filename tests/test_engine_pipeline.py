@@ -56,8 +56,15 @@ def test_keep_aspect_batches_are_full_and_single_shaped(
     assert "empty" in failures[10]
 
 
-def test_workers_and_inline_decode_give_identical_pixels(mixed_dir: list[Path]) -> None:
-    pre = Preprocess(size=40, resize="keep")
+@pytest.mark.parametrize("resampler", ["pillow", "opencv"])
+def test_workers_and_inline_decode_give_identical_pixels(mixed_dir: list[Path], resampler: str) -> None:
+    """Forked workers resize like this process, OpenCV included (its thread pool has run in
+    this process before the fork: a worker must not touch that pool's settings, which
+    waits forever for threads the fork did not copy)."""
+    import cv2
+
+    cv2.resize(np.zeros((2000, 2000, 3), np.uint8), (1500, 1500), interpolation=cv2.INTER_AREA)
+    pre = Preprocess(size=40, resize="keep", resampler=resampler)
     inline = _collect(decoded_batches(mixed_dir, pre, batch_size=3, workers=0))
     pooled = _collect(decoded_batches(mixed_dir, pre, batch_size=3, workers=2, window=4))
     assert inline.keys() == pooled.keys() == set(range(10))
@@ -65,8 +72,9 @@ def test_workers_and_inline_decode_give_identical_pixels(mixed_dir: list[Path]) 
         np.testing.assert_array_equal(inline[i], pooled[i])
 
 
+@pytest.mark.parametrize("resampler", ["pillow", "opencv"])
 def test_threaded_inline_decode_gives_the_same_pixels_and_failures(
-    mixed_dir: list[Path], monkeypatch: pytest.MonkeyPatch
+    mixed_dir: list[Path], monkeypatch: pytest.MonkeyPatch, resampler: str
 ) -> None:
     """workers=0 decodes each batch with several threads: same pixels, same failures, in
     the same order as one thread; the threads really ran (more than one decoding thread)."""
@@ -82,7 +90,7 @@ def test_threaded_inline_decode_gives_the_same_pixels_and_failures(
         return real(*args, **kwargs)
 
     monkeypatch.setattr(ex, "_decode_one", spy)
-    pre = Preprocess(size=40, resize="squash")
+    pre = Preprocess(size=40, resize="squash", resampler=resampler)
     one = list(decoded_batches(mixed_dir, pre, batch_size=6, workers=0, threads=1))
     assert seen == {threading.get_ident()}
     seen.clear()

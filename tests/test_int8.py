@@ -6,6 +6,7 @@ fallback to fp32 or torch fails them.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from pathlib import Path
@@ -115,7 +116,10 @@ def test_identity_records_the_int8_engine(calib: Path, desc: Descriptor, tmp_pat
     assert d8.identity() != desc.identity()
     assert d8.base_identity() == desc.base_identity()
     assert d8.describe_name().endswith("/onnx-int8") and desc.numerics is None
-    assert for_engine(d8, "onnx").identity() == desc.identity()  # back to float32 vectors
+    # the int8 engine resizes with OpenCV; the float32 descriptor keeps Pillow's
+    assert d8.preprocess.resampler == "opencv" and desc.preprocess.resampler == "pillow"
+    back = for_engine(d8, "onnx")
+    assert back.identity() == desc.identity() and back.preprocess == desc.preprocess  # float32 vectors again
     d8.save(tmp_path / "d8.cbir")
     loaded = Descriptor.load(tmp_path / "d8.cbir")
     assert loaded.identity() == d8.identity() and loaded.numerics == d8.numerics
@@ -124,6 +128,14 @@ def test_identity_records_the_int8_engine(calib: Path, desc: Descriptor, tmp_pat
     for i in range(10):
         make_image(other / f"o{i}.png", seed=900 + i)
     assert for_engine(desc, "onnx-int8", other).identity() != d8.identity()
+    # an int8 descriptor from before the int8 engine resized with OpenCV (an index's stored
+    # one) keeps Pillow and its identity: that index's new vectors match its old ones
+    old = copy.copy(d8)
+    old.preprocess = desc.preprocess
+    old.save(tmp_path / "old8.cbir")
+    stored = Descriptor.load(tmp_path / "old8.cbir")
+    assert stored.preprocess.resampler == "pillow" and stored.identity() not in (d8.identity(), desc.identity())
+    assert for_engine(stored, "onnx-int8") is stored
 
 
 def test_quality_gate_int8_close_to_fp32(onnx_cache: Path, calib: Path, desc: Descriptor, tmp_path: Path) -> None:

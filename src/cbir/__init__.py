@@ -38,6 +38,7 @@ _LAZY = {
     "QueryError": "cbir.index.errors",
     "DecodeError": "cbir.data.decode",
     "load_image": "cbir.data",
+    "load_pixels": "cbir.data",
     "Preprocess": "cbir.data",
     "evaluate_gpr1200": "cbir.eval",
     "evaluate_labelled": "cbir.eval",

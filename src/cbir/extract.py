@@ -50,7 +50,7 @@ from typing import Any
 
 import numpy as np
 
-from cbir.data.decode import DEFAULT_MAX_PIXELS, DecodeError, image_size, load_image
+from cbir.data.decode import DEFAULT_MAX_PIXELS, DecodeError, image_size, load_image, load_pixels
 from cbir.data.transforms import Preprocess
 from cbir.fileio import atomic_numpy_save, atomic_write_text
 from cbir.models.descriptor import Descriptor
@@ -152,10 +152,8 @@ def _decode_one(
     path: str, box: Box | None, preprocess: Preprocess, max_pixels: int | None
 ) -> np.ndarray:
     if box is None:
-        img = load_image(path, max_pixels=max_pixels, target_size=preprocess.resized_size)
-    else:
-        img = crop_box(load_image(path, max_pixels=max_pixels), box)
-    return preprocess.to_array(img)
+        return preprocess.to_array(load_pixels(path, max_pixels=max_pixels, target_size=preprocess.resized_size))
+    return preprocess.to_array(crop_box(load_image(path, max_pixels=max_pixels), box))
 
 
 def _decode_or_reason(

@@ -20,6 +20,7 @@ _LAZY = {
     "DEFAULT_MAX_PIXELS": "cbir.data.decode",
     "DecodeError": "cbir.data.decode",
     "load_image": "cbir.data.decode",
+    "load_pixels": "cbir.data.decode",
     "to_rgb": "cbir.data.decode",
     "Preprocess": "cbir.data.transforms",
 }

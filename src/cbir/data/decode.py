@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError, features
 
+from cbir.data import jpeg
 from cbir.defaults import DEFAULT_MAX_PIXELS as DEFAULT_MAX_PIXELS  # written once, in cbir.defaults
 from cbir.errors import CbirError
 
@@ -368,21 +369,82 @@ def load_image(
     img = _open_checked(source, name)
     try:
         shrink = _plan(img, name, max_pixels, max_decode_bytes, target_size)
-        img.load()
-        orientation = _exif_orientation(img)  # now complete: a PNG's eXIf may follow its pixels
-        img = _shrink(img, shrink)
-        if orientation != 1:
-            img = ImageOps.exif_transpose(img)
-        return to_rgb(img)
-    except DecodeError:
-        raise
-    except (OSError, ValueError, SyntaxError, MemoryError, Image.DecompressionBombError) as exc:
+        return _decode_planned(img, shrink)
+    except Exception as exc:
+        raise _decode_error(name, exc) from exc
+
+
+def load_pixels(
+    source: ImageSource,
+    *,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    target_size: TargetSize | None = None,
+    max_decode_bytes: int | None = DEFAULT_MAX_DECODE_BYTES,
+) -> np.ndarray:
+    """:func:`load_image` as a uint8 H x W x 3 array: the same pixels, the same limits and
+    errors, about twice as fast for JPEG files.
+
+    A plain JPEG (8-bit RGB or greyscale, read whole: at most
+    :data:`cbir.data.jpeg.MAX_FAST_BYTES`) is decoded by libjpeg-turbo through simplejpeg
+    at the scale Pillow's draft mode chose, straight into the array (see
+    :mod:`cbir.data.jpeg`); everything else, and any JPEG that path declines, by Pillow.
+    Extraction uses this; code that wants a PIL image keeps :func:`load_image`.
+    """
+    name = _describe(source)
+    data = _jpeg_bytes(source, name)
+    img = _open_checked(source if data is None else data, name)
+    try:
+        shrink = _plan(img, name, max_pixels, max_decode_bytes, target_size)
+        if data is not None:
+            arr = jpeg.decode_like_pillow(data, img, _exif_orientation(img))  # JPEG: EXIF precedes pixels
+            if arr is not None:
+                return arr
+        return np.asarray(_decode_planned(img, shrink), dtype=np.uint8)
+    except Exception as exc:
+        raise _decode_error(name, exc) from exc
+    finally:
+        img.close()
+
+
+def _jpeg_bytes(source: ImageSource, name: str) -> bytes | None:
+    """The whole file when ``source`` is a JPEG the fast path may take, else None (Pillow
+    then opens ``source`` itself, and reports what is wrong with it)."""
+    if not jpeg.available():
+        return None
+    if isinstance(source, bytes):
+        return source if jpeg.is_jpeg(source) else None
+    if not isinstance(source, (str, os.PathLike)):
+        return None
+    try:
+        with open(source, "rb") as f:
+            if not jpeg.is_jpeg(f.read(3)) or os.fstat(f.fileno()).st_size > jpeg.MAX_FAST_BYTES:
+                return None
+            f.seek(0)
+            return f.read(jpeg.MAX_FAST_BYTES + 1)
+    except OSError:
+        return None  # unreadable: _open_checked says why
+
+
+def _decode_planned(img: Image.Image, shrink: int) -> Image.Image:
+    """Decode an image whose limits :func:`_plan` has checked, to upright RGB."""
+    img.load()
+    orientation = _exif_orientation(img)  # now complete: a PNG's eXIf may follow its pixels
+    img = _shrink(img, shrink)
+    if orientation != 1:
+        img = ImageOps.exif_transpose(img)
+    return to_rgb(img)
+
+
+def _decode_error(name: str, exc: Exception) -> DecodeError:
+    """Any failure while decoding, as a :class:`DecodeError` a person can act on."""
+    if isinstance(exc, DecodeError):
+        return exc
+    if isinstance(exc, (OSError, ValueError, SyntaxError, MemoryError, Image.DecompressionBombError)):
         reason = str(exc) or type(exc).__name__
         if "truncated" in reason:
             reason = f"truncated or corrupt image data ({reason})"
-        raise DecodeError(name, reason) from exc
-    except Exception as exc:  # decoder plug-ins raise anything; never kill the job
-        raise DecodeError(name, f"{type(exc).__name__}: {exc}") from exc
+        return DecodeError(name, reason)
+    return DecodeError(name, f"{type(exc).__name__}: {exc}")  # decoder plug-ins raise anything
 
 
 def read_header(source: ImageSource) -> ImageHeader:

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from cbir.data.decode import DecodeError, load_image, to_rgb
+from cbir.data.decode import DecodeError, load_pixels, to_rgb
 from cbir.index.catalog import Catalog
 from cbir.index.errors import DescriptorMismatchError, QueryError
 from cbir.index.sync import file_sha256
@@ -58,7 +58,7 @@ class QueryResolver:
         resized exactly as indexing does, so an indexed file describes to its own vector."""
         pre = self.descriptor.preprocess
         try:
-            img = to_rgb(image) if isinstance(image, Image.Image) else load_image(image, target_size=pre.resized_size)
+            img = to_rgb(image) if isinstance(image, Image.Image) else load_pixels(image, target_size=pre.resized_size)
         except DecodeError as exc:
             raise QueryError(f"cannot read the query image: {exc.reason}") from exc
         out = self._get_runner()(pre.to_array(img)[None])

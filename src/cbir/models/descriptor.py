@@ -150,17 +150,21 @@ class Descriptor(nn.Module):
         what the float32 graph (and its ONNX export) depends on."""
         spec = self.spec()
         spec.pop("whitening", None)  # covered by the weights digest (its buffers)
+        spec["preprocess"].pop("resampler", None)  # decides the pixels, not the graph: in identity()
         blob = json.dumps(spec, sort_keys=True).encode() + self.weights_digest().encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
     def identity(self) -> str:
         """Fingerprint of everything that decides the vectors: equal iff same vectors.
         Float32 descriptors keep the identity they always had; other numerics (the int8
-        engine) change it."""
+        engine) and another resampler than Pillow change it."""
         base = self.base_identity()
-        if not self.numerics:
+        extra = dict(self.numerics or {})
+        if self.preprocess.resampler != "pillow":
+            extra["resampler"] = self.preprocess.resampler
+        if not extra:
             return base
-        blob = base.encode() + json.dumps(self.numerics, sort_keys=True).encode()
+        blob = base.encode() + json.dumps(extra, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
     def describe_name(self) -> str:

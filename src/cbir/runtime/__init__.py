@@ -10,6 +10,7 @@ reference), ``onnx`` (ONNX Runtime, fp32, several times faster on CPUs) or ``onn
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import sys
 from typing import Any
@@ -56,9 +57,10 @@ def for_engine(descriptor: Descriptor, engine: str, calibrate: str | os.PathLike
         from cbir.runtime.quantize import int8_descriptor
 
         return int8_descriptor(descriptor, calibrate)
-    if descriptor.numerics:
+    if descriptor.numerics:  # back to the float32 descriptor the int8 one was made from
         out = copy.copy(descriptor)
         out.numerics = None
+        out.preprocess = dataclasses.replace(out.preprocess, resampler="pillow")
         return out
     return descriptor
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from cbir.data.datasets import load_class_folders
-from cbir.data.decode import DEFAULT_MAX_PIXELS, DecodeError, load_image
+from cbir.data.decode import DEFAULT_MAX_PIXELS, DecodeError, load_pixels
 from cbir.data.transforms import Preprocess
 from cbir.errors import CbirError
 
@@ -294,7 +294,7 @@ class ImageCache:
         arr = self._store.get(key)
         if arr is None:
             try:
-                img = load_image(path, max_pixels=self.max_pixels, target_size=preprocess.resized_size)
+                img = load_pixels(path, max_pixels=self.max_pixels, target_size=preprocess.resized_size)
             except DecodeError as exc:
                 raise TrainDataError(f"cannot use training image: {exc}") from exc
             arr = preprocess.to_array(img)
