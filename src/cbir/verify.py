@@ -8,8 +8,9 @@ positives (there via structure-from-motion; here the same idea on a pair: an epi
 planar model fitted to ratio-test matches, Philbin et al. 2007 style spatial verification).
 
 Used by ``cbir mine`` (matching pairs without labels) and the duplicate finder. OpenCV is
-an optional dependency (the ``mine`` extra) imported only when a verifier is built, so
-``import cbir`` and ``cbir --help`` never need it.
+a dependency of cbir (the int8 engine resizes with it too) but imported only when a
+verifier is built, so ``import cbir`` and ``cbir --help`` do not pay its start-up cost; an
+environment that removed it gets :class:`MissingExtraError` with the command to restore it.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ DEFAULT_MIN_INLIERS = 15
 
 
 class MissingExtraError(CbirError):
-    """OpenCV (the ``mine`` extra) is not installed."""
+    """OpenCV is not installed (a dependency of cbir, also installed by the ``mine`` extra)."""
 
     code = "missing_dependency"
     http_status = 501

@@ -85,7 +85,7 @@ def duplicates_cmd(
             "--verify",
             help="Also group an image's nearest neighbours below the threshold when their local features "
             "match under one geometric transformation (SIFT + RANSAC; finds more copies that were cropped, "
-            "shrunk or recompressed; reads the candidate files; needs OpenCV: pip install 'cbir[mine]').",
+            "shrunk or recompressed; reads the candidate files).",
         ),
     ] = False,
 ) -> None:

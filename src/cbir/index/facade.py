@@ -490,7 +490,7 @@ class Index:
         others follow by similarity. Pairs come from this index's kNN search in blocks (no
         n x n matrix); see :mod:`cbir.index.duplicates` for how groups and centres are chosen.
         ``verify`` also admits pairs below the threshold that pass geometric verification
-        (:class:`cbir.index.duplicates.Verification`; needs OpenCV, the ``mine`` extra): those
+        (:class:`cbir.index.duplicates.Verification`; OpenCV's SIFT + RANSAC): those
         members' scores are then below ``threshold``."""
         if not -1.0 <= threshold <= 1.0:
             raise CbirIndexError("threshold is a cosine similarity: between -1 and 1 (e.g. 0.95)")
