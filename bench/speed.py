@@ -462,7 +462,10 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         "load_average_at_start": os.getloadavg(),
-        "note": "shared 2-core machine: other agents' jobs ran during the timings (see load averages)",
+        "note": (
+            "2-core machine: compare rows within this run (round-robin medians); "
+            "the load averages say whether other jobs ran"
+        ),
         "command": " ".join(sys.argv),
     }
     if not args.skip_extract:
