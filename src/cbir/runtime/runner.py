@@ -42,6 +42,9 @@ class Runner:
     #: how many calls may run at once, each on its own cores (bulk extraction keeps that
     #: many batches in flight: :func:`cbir.runtime.device.plan_lanes`)
     lanes: int = 1
+    #: the torch engine's frozen graphs (:class:`cbir.runtime.frozen.FrozenDescriptor`), when
+    #: it runs through them; ``None`` for eager and for the ONNX engines
+    graph: Any = None
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         return self.fn(batch)
