@@ -14,8 +14,6 @@ import numpy as np
 import torch
 from PIL import Image
 
-from cbir.errors import CbirError
-
 ResizePolicy = Literal["keep", "crop", "squash"]
 RESIZE_POLICIES: tuple[str, ...] = ("keep", "crop", "squash")
 
@@ -160,7 +158,9 @@ def _opencv_resize(arr: np.ndarray, size: tuple[int, int], interpolation: str) -
     A shrinking axis is area-averaged (``INTER_AREA``: no aliasing), a growing one
     interpolated (``interpolation``: :data:`OPENCV_INTERPOLATIONS`). Where one axis grows
     and the other shrinks (``squash`` of a long, thin image) each is resized on its own."""
-    cv2 = _cv2()
+    from cbir.verify import require_cv2  # imported on first use: most commands never resize with it
+
+    cv2 = require_cv2("resizing with OpenCV")
     grow = getattr(cv2, OPENCV_INTERPOLATIONS[interpolation])
     h, w = arr.shape[:2]
     tw, th = size
@@ -172,13 +172,3 @@ def _opencv_resize(arr: np.ndarray, size: tuple[int, int], interpolation: str) -
     arr = cv2.resize(arr, shrunk, interpolation=cv2.INTER_AREA)
     return cv2.resize(arr, size, interpolation=grow)
 
-
-def _cv2() -> Any:
-    """OpenCV, imported on first use (``import cv2`` costs ~0.1 s that most commands never
-    need); a clear error where it is missing."""
-    try:
-        import cv2
-    except ImportError as exc:  # a dependency of cbir: only a broken install lacks it
-        raise CbirError("this descriptor resizes with OpenCV, which is not installed: "
-                        "pip install opencv-python-headless") from exc
-    return cv2
