@@ -310,8 +310,8 @@ def test_heic_and_avif_are_decoded_and_listed(tmp_path: Path, fmt: str, suffix: 
     assert r > 180 and g < 80 and b < 80
 
 
-def test_every_command_takes_json_as_a_flag() -> None:
-    """`--json` means the same everywhere: a flag that prints JSON on stdout (files: --out)."""
+def _leaf_commands() -> list[tuple[tuple[str, ...], Any]]:
+    """Every runnable command of ``cbir`` with its path of group names."""
     import typer.main
 
     def leaves(cmd: Any, path: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], Any]]:
@@ -319,7 +319,21 @@ def test_every_command_takes_json_as_a_flag() -> None:
             return [leaf for name, sub in cmd.commands.items() for leaf in leaves(sub, (*path, name))]
         return [(path, cmd)]
 
-    commands = leaves(typer.main.get_command(app))
+    return leaves(typer.main.get_command(app))
+
+
+def test_no_option_name_is_given_to_two_parameters() -> None:
+    """Click silently lets the first of two parameters sharing a name (``cbir train -k`` was both
+    --negatives and the mining --neighbours) take the value; every name must be unique."""
+    for path, cmd in _leaf_commands():
+        names = [opt for p in cmd.params for opt in (*getattr(p, "opts", []), *getattr(p, "secondary_opts", []))]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        assert not dupes, (path, dupes)
+
+
+def test_every_command_takes_json_as_a_flag() -> None:
+    """`--json` means the same everywhere: a flag that prints JSON on stdout (files: --out)."""
+    commands = _leaf_commands()
     assert len(commands) >= 12
     for path, cmd in commands:
         if path == ("serve",):  # a server prints no result

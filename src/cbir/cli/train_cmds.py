@@ -76,7 +76,7 @@ def train_cmd(
         int | None, typer.Option("--epochs", "-e", help=_r("Epochs (negatives are re-mined before each)."))
     ] = None,
     max_tuples: Annotated[int | None, typer.Option("--max-tuples", help=_r("Training tuples per epoch."))] = None,
-    negatives: Annotated[int | None, typer.Option("--negatives", "-k", help=_r("Hard negatives per tuple."))] = None,
+    negatives: Annotated[int | None, typer.Option("--negatives", help=_r("Hard negatives per tuple."))] = None,
     pool_size: Annotated[
         int | None, typer.Option("--pool-size", help=_r("Random images described to mine negatives from."))
     ] = None,
