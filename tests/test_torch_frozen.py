@@ -56,6 +56,24 @@ def test_graphs_are_dropped_when_the_weights_change() -> None:
     assert _cosines(after, before).min() < 0.999  # the change was visible, not the stale graph
 
 
+def test_a_network_in_training_mode_runs_eager() -> None:
+    """A graph is traced in eval mode: a descriptor switched back to training (by a trainer
+    sharing it) must not be answered by that graph, nor re-traced at every call."""
+    desc = build_descriptor("timm:resnet10t", pretrained=False, pooling="gem", image_size=48)
+    run = torch_runner(desc)
+    x = _images(2, 48, 48)
+    run(x)
+    graph = run.graph.graphs[(48, 48)]
+    desc.train()
+    seen: list[bool] = []
+    hook = desc.register_forward_pre_hook(lambda module, args: seen.append(module.training))
+    with torch.no_grad():
+        run.graph(desc.preprocess.normalize(torch.from_numpy(x)))
+    hook.remove()
+    assert seen == [True]  # the eager network ran, in training mode
+    assert run.graph.graphs[(48, 48)] is graph
+
+
 def test_a_graph_that_disagrees_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(frozen, "MIN_COSINE", 1.5)  # no cosine passes
     desc = build_descriptor("timm:resnet10t", pretrained=False, pooling="gem", image_size=48)

@@ -46,6 +46,8 @@ class FrozenDescriptor:
         self._version = _weights_version(descriptor)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.descriptor.training:  # graphs are traced in eval mode; a training network runs as it is
+            return self.descriptor(x)
         version = _weights_version(self.descriptor)
         if version != self._version:  # trained since: the frozen weights are stale
             self.graphs.clear()
