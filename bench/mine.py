@@ -34,6 +34,7 @@ import torch
 from cbir.data.datasets import list_images
 from cbir.fileio import atomic_write_text
 from cbir.train.discovery import DEFAULT_NEIGHBOURS, connected_clusters, mine_folder
+from cbir.verify import DEFAULT_MIN_INLIERS
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path("../shared/datasets")
@@ -89,6 +90,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, default=ROOT / "bench/results/mine.json")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    floor = DEFAULT_MIN_INLIERS if args.min_inliers is None else args.min_inliers
+    sweep = sorted(int(x) for x in args.sweep.split(",") if x.strip())
+    if sweep and sweep[0] < floor:
+        ap.error(f"--sweep {sweep[0]} is below --min-inliers {floor}: those pairs are never verified")
     started = datetime.now(UTC).isoformat(timespec="seconds")
 
     truth = flatten(args.source, args.flat)
@@ -113,9 +118,9 @@ def main(argv: list[str] | None = None) -> int:
         **score(result.pairs, result.clusters, cls),
         "load": os.getloadavg(),
     }
-    if args.sweep:
+    if sweep:
         report["sweep"] = {}
-        for t in sorted(int(x) for x in args.sweep.split(",")):
+        for t in sweep:
             keep = result.pairs[result.inliers >= t]
             clusters = connected_clusters(len(result.files), keep)
             n = int(clusters.max()) + 1 if (clusters >= 0).any() else 0
