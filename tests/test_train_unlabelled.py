@@ -260,6 +260,27 @@ def test_device_cpu_trains_on_the_cpu(tiny_model_file: Path, tmp_path: Path) -> 
         tiny(tiny_model_file, device="tpu")
 
 
+def test_training_records_where_it_ran(tiny_model_file: Path, tmp_path: Path) -> None:
+    data = load_train_data([make_classes(tmp_path / "d")])
+    logs: list[str] = []
+    res = train(tiny(tiny_model_file), data, progress=False, log=logs.append)
+    assert res.device == "cpu" and "training on cpu" in logs
+    assert res.descriptor.meta["trained"]["device"] == "cpu"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU that torch sees")
+def test_training_runs_on_the_gpu_and_saves_from_the_cpu(tiny_model_file: Path, tmp_path: Path) -> None:
+    data = load_train_data([make_classes(tmp_path / "d")])
+    torch.cuda.reset_peak_memory_stats()
+    res = train(tiny(tiny_model_file, device="auto", epochs=2), data, progress=False)
+    assert res.device.startswith("cuda (") and torch.cuda.max_memory_allocated() > 0
+    assert res.history[-1].loss is not None and np.isfinite(res.history[-1].loss)
+    res.descriptor.save(tmp_path / "m.cbir")
+    back = Descriptor.load(tmp_path / "m.cbir")
+    assert {p.device.type for p in back.parameters()} == {"cpu"}
+    assert back.meta["trained"]["device"] == res.device
+
+
 def test_a_saturated_validation_is_reported(tiny_model_file: Path, tmp_path: Path, monkeypatch) -> None:
     data = load_train_data([make_classes(tmp_path / "d")])
     monkeypatch.setattr(Trainer, "validate", lambda self: 1.0)

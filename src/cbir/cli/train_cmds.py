@@ -219,7 +219,8 @@ def train_cmd(
         output.emit_json({
             "out": str(out), "descriptor": result.descriptor.describe_name(), "best_epoch": result.best_epoch,
             "seconds": result.seconds, "whitening_val_map": result.whitening_val_map,
-            "stopped_early": result.stopped_early, "checkpoints": str(ckpt),
+            "stopped_early": result.stopped_early, "checkpoints": str(ckpt), "device": result.device,
+            "alpha": result.extra.get("alpha"),
             "history": [dataclasses.asdict(h) for h in result.history],
         })  # fmt: skip
         return

@@ -98,3 +98,13 @@ def resolve_device(device: str = "auto", engine: str = "torch") -> str:
         )
         raise DeviceUnavailable(f"--device cuda with engine {engine}: {what}")
     return "cuda" if available else "cpu"
+
+
+def describe_device(device: str) -> str:
+    """``cpu``, or ``cuda`` with the GPU's name (``cuda (NVIDIA H200)``): what a log line or a
+    run's summary says, so that where a run actually ran is on record, not assumed."""
+    if not str(device).startswith("cuda"):
+        return "cpu"
+    import torch
+
+    return f"cuda ({torch.cuda.get_device_name(torch.device(device))})"

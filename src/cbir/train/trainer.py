@@ -38,7 +38,7 @@ from cbir.models.backbones import DEFAULT_BACKBONE
 from cbir.models.descriptor import Descriptor, build_descriptor
 from cbir.models.pooling import RMAC, build_pooling, parse_pooling
 from cbir.models.whitening import Whitening, fit_learned_whitening, fit_pca_whitening, pairs_from_labels
-from cbir.runtime.device import DEVICES, resolve_device
+from cbir.runtime.device import DEVICES, describe_device, resolve_device
 from cbir.train.augment import augment_array
 from cbir.train.data import ImageCache, TrainData, TrainDataError, split_by_class, with_holdout
 from cbir.train.distillation import Distiller
@@ -161,6 +161,7 @@ class TrainResult:
     whitening_val_map: float | None = None
     stopped_early: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+    device: str = "cpu"  # where it trained, with the GPU's name: describe_device()
 
 
 # ----------------------------------------------------------------------------------------
@@ -477,6 +478,7 @@ class Trainer:
         c = self.config
         start = time.perf_counter()
         spent_before = sum(h.seconds for h in self.history)
+        self.log(f"training on {describe_device(str(self.device))}")
         if self.epoch == 0 and not self.history:
             t0 = time.perf_counter()
             val = self.validate()
@@ -593,11 +595,14 @@ class Trainer:
                 "kept_epoch": best_epoch,
                 "interpolation": None if alpha is None else {"alpha": alpha, "validation": alpha_scores},
                 "seconds": round(seconds, 1),
+                "device": describe_device(str(self.device)),
             },
         }
         out.to("cpu")
         extra = {} if alpha is None else {"alpha": alpha, "alpha_scores": alpha_scores}
-        return TrainResult(out, list(self.history), best_epoch, seconds, w_val, stopped, extra)
+        return TrainResult(
+            out, list(self.history), best_epoch, seconds, w_val, stopped, extra, describe_device(str(self.device))
+        )
 
     def interpolate(self) -> tuple[float | None, dict[str, float]]:
         """Apply ``config.interpolate`` (WiSE-FT) to the kept network: a given weight, or the
