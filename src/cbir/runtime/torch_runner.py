@@ -19,15 +19,15 @@ def torch_runner(descriptor: Descriptor, *, device: str = "cpu", freeze: bool = 
     faults cost more than the convolutions), and with ``freeze`` the network runs through
     frozen TorchScript graphs, each checked against eager (:mod:`cbir.runtime.frozen`:
     batch norms folded, about 1.3x the model's speed); ``freeze=False`` runs eager only.
-    On CUDA the descriptor is moved to the GPU and the uint8 batch is normalised there, so
-    only 1 byte per pixel crosses the bus.
+    The descriptor is moved (in place) to the runner's device: on CUDA the uint8 batch is
+    normalised there, so only 1 byte per pixel crosses the bus.
     """
     where = resolve_device(device, "torch")
     if where == "cpu":
         tune_allocator()
     descriptor.eval()
-    if where == "cuda":
-        descriptor.to(where)
+    # both ways: a descriptor an earlier GPU runner moved to the GPU must come back for a CPU one
+    descriptor.to(where)
     dev = torch.device(where)
     model = FrozenDescriptor(descriptor) if freeze and where == "cpu" else descriptor
 
