@@ -22,6 +22,7 @@ from cbir.cli.commands import app
 from cbir.data.datasets import list_images
 from cbir.extract import extract
 from cbir.models import Descriptor, Whitening
+from cbir.runtime.device import resolve_device
 
 runner = CliRunner()
 
@@ -71,6 +72,8 @@ def test_extract_writes_matrix_and_manifest(
     assert manifest["failures"][0]["reason"]
     assert feats.dtype == np.float32 and feats.shape == (12, manifest["descriptor"]["dim"])
     assert manifest["shape"] == [12, feats.shape[1]]
+    # the default engine is ONNX Runtime; --device auto is a GPU only with onnxruntime-gpu and a GPU
+    assert manifest["runtime"] == {"engine": "onnx", "device": resolve_device("auto", "onnx")}
     # the rows are the Python API's vectors for those files, in that order
     desc = Descriptor.load(descriptor_file)
     assert manifest["descriptor"]["identity"] == desc.identity()

@@ -278,4 +278,5 @@ def test_cli_extract_with_the_int8_engine(onnx_cache: Path, calib: Path, desc: D
     assert res.exit_code == 0, res.output
     manifest = json.loads(out.with_suffix(".json").read_text())
     assert manifest["descriptor"]["identity"] == for_engine(desc, "onnx-int8", calib).identity()
+    assert manifest["runtime"] == {"engine": "onnx-int8", "device": "cpu"}  # what ran, not what was asked
     assert np.load(out).shape == (12, desc.dim)

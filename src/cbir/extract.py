@@ -84,6 +84,8 @@ class ExtractionResult:
     failures: list[Failure]
     seconds: float
     descriptor: dict[str, Any] = field(default_factory=dict)
+    #: what ran the model: ``engine`` (torch, onnx, onnx-int8) and ``device`` (cpu, cuda)
+    runtime: dict[str, Any] = field(default_factory=dict)
 
     @property
     def images_per_second(self) -> float:
@@ -96,6 +98,7 @@ class ExtractionResult:
             "failures": [asdict(f) for f in self.failures],
             "descriptor": self.descriptor,
             "shape": list(self.features.shape),
+            "runtime": self.runtime,
             "seconds": round(self.seconds, 3),
             "images_per_second": round(self.images_per_second, 2),
         }
@@ -449,7 +452,12 @@ def extract(
     """Describe every file; rows follow the input order with failed files left out."""
     paths = [os.fspath(p) for p in paths]
     if kwargs.get("runner") is None:  # the identity recorded must say which numerics made the vectors
-        descriptor = for_engine(descriptor, kwargs.get("engine", DEFAULT_ENGINE), kwargs.get("calibrate"))
+        engine = kwargs.get("engine", DEFAULT_ENGINE)
+        descriptor = for_engine(descriptor, engine, kwargs.get("calibrate"))
+        if paths:  # made here, not in iter_extract, so the result can say what ran
+            kwargs["runner"] = make_runner(descriptor, engine, device=kwargs.get("device", "auto"),
+                                           calibrate=kwargs.get("calibrate"), lanes="auto")  # fmt: skip
+    run = kwargs.get("runner")
     start = time.perf_counter()
     feats = np.zeros((len(paths), descriptor.dim), dtype=np.float32)
     ok = np.zeros(len(paths), dtype=bool)
@@ -472,4 +480,5 @@ def extract(
             "identity": descriptor.identity(),
             **descriptor.spec(),
         },
+        runtime={k: getattr(run, k) for k in ("engine", "device") if hasattr(run, k)},
     )

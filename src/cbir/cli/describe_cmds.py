@@ -80,7 +80,7 @@ def extract_cmd(
     if json_out:
         output.emit_json({"images": len(result.paths), "dim": desc.dim, "descriptor": desc.describe_name(),
                           "failures": [{"path": f.path, "reason": f.reason} for f in result.failures],
-                          "images_per_second": result.images_per_second, "out": str(out),
+                          "images_per_second": result.images_per_second, "out": str(out), **result.runtime,
                           "manifest": str(manifest)})  # fmt: skip
         return
     output.write(
