@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         for t in sweep:
             keep = result.pairs[result.inliers >= t]
             clusters = connected_clusters(len(result.files), keep)
-            n = int(clusters.max()) + 1 if (clusters >= 0).any() else 0
+            n = int(clusters.max()) + 1  # ids 0..n-1; -1 everywhere when nothing verified
             report["sweep"][t] = {"pairs_verified": len(keep), "clusters": n, **score(keep, clusters, cls)}
     atomic_write_text(args.json, json.dumps(report, indent=1))
     print(json.dumps(report, indent=1))

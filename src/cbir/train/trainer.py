@@ -292,6 +292,7 @@ class Trainer:
         tune_allocator()  # activations of every step would otherwise be page-faulted in anew
         torch.manual_seed(config.seed)
         self.device = torch.device(resolve_device(config.device, "torch"))
+        self.device_name = describe_device(str(self.device))  # for the log, the summary, the meta
         self.desc = build_training_descriptor(config)
         freeze_leading(self.desc, config.freeze)
         self.infer_pre = self.desc.preprocess
@@ -478,7 +479,7 @@ class Trainer:
         c = self.config
         start = time.perf_counter()
         spent_before = sum(h.seconds for h in self.history)
-        self.log(f"training on {describe_device(str(self.device))}")
+        self.log(f"training on {self.device_name}")
         if self.epoch == 0 and not self.history:
             t0 = time.perf_counter()
             val = self.validate()
@@ -595,14 +596,12 @@ class Trainer:
                 "kept_epoch": best_epoch,
                 "interpolation": None if alpha is None else {"alpha": alpha, "validation": alpha_scores},
                 "seconds": round(seconds, 1),
-                "device": describe_device(str(self.device)),
+                "device": self.device_name,
             },
         }
         out.to("cpu")
         extra = {} if alpha is None else {"alpha": alpha, "alpha_scores": alpha_scores}
-        return TrainResult(
-            out, list(self.history), best_epoch, seconds, w_val, stopped, extra, describe_device(str(self.device))
-        )
+        return TrainResult(out, list(self.history), best_epoch, seconds, w_val, stopped, extra, self.device_name)
 
     def interpolate(self) -> tuple[float | None, dict[str, float]]:
         """Apply ``config.interpolate`` (WiSE-FT) to the kept network: a given weight, or the
